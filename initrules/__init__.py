@@ -1,0 +1,72 @@
+"""initrules: initialize and validate PyTorch weights from YAML policies.
+
+Example:
+    >>> import torch, initrules
+    >>> model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU())
+    >>> policy = initrules.load_policy(text='''
+    ... rules:
+    ...   - match: {module: Linear, param: weight}
+    ...     init: {scheme: kaiming_normal, nonlinearity: relu}
+    ...   - match: {param: bias}
+    ...     init: zeros
+    ... ''')
+    >>> report = initrules.apply(model, policy, seed=0)
+    >>> report.unmatched
+    []
+"""
+
+from initrules.engine import apply, derive_seed
+from initrules.errors import (
+    InitRulesError,
+    InitRulesWarning,
+    PlanError,
+    PolicyError,
+    SourceLocation,
+    UnmatchedTensorsError,
+)
+from initrules.loader import load_policy
+from initrules.matcher import Matcher, MatchResult, TensorInfo
+from initrules.planner import Plan, make_plan
+from initrules.report import Report, Row, Skipped
+from initrules.schema import InitSpec, Match, Policy, Rule, policy_json_schema
+from initrules.schemes import (
+    FillContext,
+    Scheme,
+    SchemeArgs,
+    get_scheme,
+    register_scheme,
+    scheme_names,
+)
+
+__all__ = [
+    "FillContext",
+    "InitRulesError",
+    "InitRulesWarning",
+    "InitSpec",
+    "Match",
+    "MatchResult",
+    "Matcher",
+    "Plan",
+    "PlanError",
+    "Policy",
+    "PolicyError",
+    "Report",
+    "Row",
+    "Rule",
+    "Scheme",
+    "SchemeArgs",
+    "Skipped",
+    "SourceLocation",
+    "TensorInfo",
+    "UnmatchedTensorsError",
+    "apply",
+    "derive_seed",
+    "get_scheme",
+    "load_policy",
+    "make_plan",
+    "policy_json_schema",
+    "register_scheme",
+    "scheme_names",
+]
+
+__version__ = "0.1.0"

@@ -1,0 +1,275 @@
+"""Load a policy from YAML, with file:line:column on every error.
+
+YAML is read with PyYAML's safe loader (no object construction from tags).
+The node tree is converted to plain Python values while the position of
+every key and value is recorded, so that a Pydantic error location such as
+``('rules', 2, 'init', 'mode')`` maps back to the line that caused it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+from pydantic_core import ErrorDetails
+
+from initrules.errors import PolicyError, SourceLocation
+from initrules.schema import InitSpec, Match, Policy, Rule
+from initrules.schemes import get_scheme
+
+__all__ = ["load_policy"]
+
+Loc = tuple[Any, ...]
+
+
+def load_policy(
+    path: str | os.PathLike[str] | None = None, *, text: str | None = None
+) -> Policy:
+    """Load and validate a policy from a YAML file or from YAML text.
+
+    Args:
+        path: The policy file to read.
+        text: YAML text to parse instead of a file.
+
+    Returns:
+        The validated policy; each rule knows its file position.
+
+    Raises:
+        PolicyError: The file cannot be read, or the YAML or the policy is
+            invalid. The error carries the path, line and column.
+
+    Example:
+        >>> policy = load_policy(text="rules: [{match: {param: bias}, init: zeros}]")
+        >>> policy.rules[0].init.scheme
+        'zeros'
+    """
+    if (path is None) == (text is None):
+        raise TypeError("load_policy() takes either a path or text=..., not both")
+    if path is not None:
+        source = os.fspath(path)
+        try:
+            text = Path(source).read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise PolicyError("policy file not found", path=source) from None
+        except (OSError, UnicodeDecodeError) as error:
+            raise PolicyError(
+                f"cannot read policy file: {error}", path=source
+            ) from None
+    else:
+        source = "<text>"
+    assert text is not None
+    return _parse(text, source)
+
+
+def _parse(text: str, source: str) -> Policy:
+    data, positions = _compose(text, source)
+    if not isinstance(data, dict):
+        location = positions.value_at(())
+        found = "an empty document" if data is None else f"a {_yaml_type(data)}"
+        raise PolicyError.at(
+            location,
+            f"expected a mapping with 'rules' at the top level, found {found}",
+        )
+    try:
+        policy = Policy.model_validate(data)
+    except ValidationError as error:
+        raise _policy_error(error, data, positions) from None
+    policy._path = source
+    for index, rule in enumerate(policy.rules):
+        rule._location = positions.value_at(("rules", index))
+    return policy
+
+
+class _Positions:
+    """Start positions of YAML keys and values, by path from the document root."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.values: dict[Loc, yaml.Mark] = {}
+        self.keys: dict[Loc, yaml.Mark] = {}
+
+    def value_at(self, loc: Loc) -> SourceLocation | None:
+        """Position of the deepest existing value on ``loc``."""
+        for end in range(len(loc), -1, -1):
+            mark = self.values.get(loc[:end])
+            if mark is not None:
+                return self._location(mark)
+        return None
+
+    def key_at(self, loc: Loc) -> SourceLocation | None:
+        """Position of the key that ends ``loc``, else of the deepest value."""
+        mark = self.keys.get(loc)
+        return self._location(mark) if mark is not None else self.value_at(loc)
+
+    def _location(self, mark: yaml.Mark) -> SourceLocation:
+        return SourceLocation(self.source, mark.line + 1, mark.column + 1)
+
+
+class _NodeReader(yaml.SafeLoader):
+    """Safe loader that composes nodes; conversion is done by ``_to_python``."""
+
+
+def _compose(text: str, source: str) -> tuple[Any, _Positions]:
+    positions = _Positions(source)
+    loader: _NodeReader | None = None
+    try:
+        loader = _NodeReader(text)
+        node = loader.get_single_node()
+        if node is None:
+            return None, positions
+        return _to_python(loader, node, (), positions), positions
+    except yaml.MarkedYAMLError as error:
+        mark = error.problem_mark or error.context_mark
+        reason = f"invalid YAML: {error.problem or error.context}"
+        if mark is None:
+            raise PolicyError(reason, path=source) from None
+        raise PolicyError(
+            reason, path=source, line=mark.line + 1, column=mark.column + 1
+        ) from None
+    except yaml.reader.ReaderError as error:
+        line, column = _line_column(text, error.position)
+        raise PolicyError(
+            f"invalid YAML: the character U+{error.character:04X} is not allowed",
+            path=source,
+            line=line,
+            column=column,
+        ) from None
+    except RecursionError:
+        raise PolicyError(
+            "invalid YAML: nesting is too deep", path=source, line=1, column=1
+        ) from None
+    finally:
+        if loader is not None:
+            loader.dispose()
+
+
+def _line_column(text: str, offset: int) -> tuple[int, int]:
+    before = text[:offset]
+    line = before.count("\n") + 1
+    return line, offset - (before.rfind("\n") + 1) + 1
+
+
+_PLAIN_TAGS = ("tag:yaml.org,2002:map", "tag:yaml.org,2002:seq")
+
+
+def _to_python(
+    loader: yaml.SafeLoader, node: yaml.Node, loc: Loc, positions: _Positions
+) -> Any:
+    positions.values[loc] = node.start_mark
+    if (
+        isinstance(node, (yaml.MappingNode, yaml.SequenceNode))
+        and node.tag not in _PLAIN_TAGS
+    ):
+        raise yaml.MarkedYAMLError(
+            problem=f"the tag {node.tag!r} is not allowed in a policy",
+            problem_mark=node.start_mark,
+        )
+    if isinstance(node, yaml.MappingNode):
+        loader.flatten_mapping(node)
+        result: dict[Any, Any] = {}
+        for key_node, value_node in node.value:
+            key = loader.construct_object(key_node, deep=True)
+            if not isinstance(key, (str, int, float, bool)) and key is not None:
+                raise yaml.MarkedYAMLError(
+                    problem="a mapping key must be a plain value",
+                    problem_mark=key_node.start_mark,
+                )
+            if key in result:
+                first_line = positions.keys[(*loc, key)].line + 1
+                raise yaml.MarkedYAMLError(
+                    problem=f"duplicate key {key!r} (first defined on line "
+                    f"{first_line})",
+                    problem_mark=key_node.start_mark,
+                )
+            positions.keys[(*loc, key)] = key_node.start_mark
+            result[key] = _to_python(loader, value_node, (*loc, key), positions)
+        return result
+    if isinstance(node, yaml.SequenceNode):
+        return [
+            _to_python(loader, item, (*loc, index), positions)
+            for index, item in enumerate(node.value)
+        ]
+    return loader.construct_object(node, deep=True)
+
+
+def _yaml_type(value: Any) -> str:
+    if isinstance(value, list):
+        return "list"
+    if isinstance(value, str):
+        return "string"
+    return type(value).__name__
+
+
+# --- Pydantic errors to PolicyError ---------------------------------------
+
+
+def _policy_error(
+    error: ValidationError, data: Any, positions: _Positions
+) -> PolicyError:
+    """Turn the first validation error into a positioned PolicyError."""
+    details = error.errors(include_url=False)
+    first = details[0]
+    loc = tuple(first["loc"])
+    if first["type"] == "extra_forbidden":
+        location = positions.key_at(loc)
+    else:
+        location = positions.value_at(loc)
+    reason = _describe(first, loc, data)
+    others = len(details) - 1
+    if others:
+        reason += f" (and {others} more error{'s' if others > 1 else ''})"
+    return PolicyError.at(location, reason)
+
+
+def _describe(detail: ErrorDetails, loc: Loc, data: Any) -> str:
+    kind = detail["type"]
+    where = _where(loc)
+    if kind == "extra_forbidden":
+        allowed = _allowed_keys(loc[:-1], data)
+        listing = f"; valid keys: {', '.join(allowed)}" if allowed else ""
+        return f"unknown key {loc[-1]!r} in {_where(loc[:-1])}{listing}"
+    if kind == "missing":
+        return f"missing required key {loc[-1]!r} in {_where(loc[:-1])}"
+    message = detail["msg"]
+    if kind.startswith("value_error"):
+        message = message.removeprefix("Value error, ")
+    elif kind not in ("unknown_scheme", "init_type", "scheme_type"):
+        message = f"{message[:1].lower()}{message[1:]}, got {_short(detail['input'])}"
+    return f"{where}: {message}"
+
+
+def _where(loc: Loc) -> str:
+    """Describe a location for a reader: ``'init.mode' of rule 2``."""
+    if not loc:
+        return "the policy"
+    if loc[0] == "rules" and len(loc) >= 2 and isinstance(loc[1], int):
+        rule = f"rule {loc[1] + 1}"
+        rest = ".".join(str(segment) for segment in loc[2:])
+        return f"{rest!r} of {rule}" if rest else rule
+    return repr(".".join(str(segment) for segment in loc))
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _allowed_keys(loc: Loc, data: Any) -> list[str]:
+    """Valid keys of the mapping at ``loc``, for 'unknown key' messages."""
+    if loc == ():
+        return sorted(Policy.model_fields)
+    if len(loc) == 2 and loc[0] == "rules":
+        return sorted(Rule.model_fields)
+    if len(loc) == 3 and loc[0] == "rules" and loc[2] == "match":
+        return sorted(Match.model_fields)
+    if len(loc) == 3 and loc[0] == "rules" and loc[2] == "init":
+        try:
+            raw = data["rules"][loc[1]]["init"]
+            fields = get_scheme(raw["scheme"]).args_model.model_fields
+        except (KeyError, TypeError, IndexError):
+            return sorted(InitSpec.model_fields)
+        return ["scheme", *sorted(fields)]
+    return []

@@ -1,0 +1,228 @@
+"""Compile a policy's rules once and find the winning rule for each tensor."""
+
+from __future__ import annotations
+
+import re
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import regex
+
+from initrules.errors import PolicyError
+from initrules.globs import compile_glob
+from initrules.schema import Match, Policy, Rule
+
+__all__ = ["REGEX_TIMEOUT_S", "MatchResult", "Matcher", "TensorInfo"]
+
+# A rule's regex gets this many seconds per tensor name before it is treated
+# as runaway (catastrophic backtracking) and rejected.
+REGEX_TIMEOUT_S = 0.25
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """What the matcher may look at for one tensor.
+
+    Attributes:
+        name: Canonical dotted name (wrapper segments removed).
+        local_name: Attribute name on the owning module (``weight``).
+        module_class: Class of the owning module.
+        ancestor_classes: Classes of the owning module's ancestors, root first.
+        ndim: Number of dimensions.
+        dtype: Dtype name without the ``torch.`` prefix (``float32``).
+        kind: ``parameter`` or ``buffer``.
+    """
+
+    name: str
+    local_name: str
+    module_class: type
+    ancestor_classes: tuple[type, ...]
+    ndim: int
+    dtype: str
+    kind: str = "parameter"
+
+
+@dataclass(frozen=True)
+class MatchResult:
+    """The winning rule for one tensor.
+
+    Attributes:
+        rule_index: 0-based position of the rule in the policy.
+        rule: The rule itself.
+        captures: Named groups captured by the rule's regex.
+        also_matched: Indices of later rules that also match, when requested.
+    """
+
+    rule_index: int
+    rule: Rule
+    captures: Mapping[str, str] = field(default_factory=dict)
+    also_matched: tuple[int, ...] = ()
+
+
+ClassTest = Callable[[type], bool]
+
+
+def _qualified_name(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _resolve_imported(qualified: str) -> Any:
+    """Find ``pkg.mod.Class`` among modules already imported; never import."""
+    parts = qualified.split(".")
+    for split in range(len(parts) - 1, 0, -1):
+        module = sys.modules.get(".".join(parts[:split]))
+        if module is None:
+            continue
+        value: Any = module
+        for attribute in parts[split:]:
+            value = getattr(value, attribute, None)
+            if value is None:
+                return None
+        return value
+    return None
+
+
+def _compile_class_test(specs: list[str], exact: bool) -> ClassTest:
+    """Build a cached test of a module class against class specs."""
+    globs = [compile_glob(spec) for spec in specs if "." not in spec]
+    qualified = [spec for spec in specs if "." in spec]
+    cache: dict[type, bool] = {}
+
+    def matches(cls: type) -> bool:
+        hit = cache.get(cls)
+        if hit is None:
+            hit = _class_matches(cls, globs, qualified, exact)
+            cache[cls] = hit
+        return hit
+
+    return matches
+
+
+def _class_matches(
+    cls: type, globs: list[re.Pattern[str]], qualified: list[str], exact: bool
+) -> bool:
+    lineage = (cls,) if exact else cls.__mro__
+    for candidate in lineage:
+        if any(pattern.fullmatch(candidate.__name__) for pattern in globs):
+            return True
+        if any(_qualified_name(candidate) == spec for spec in qualified):
+            return True
+    for spec in qualified:
+        # `torch.nn.Linear` is defined in `torch.nn.modules.linear`, so an
+        # exported alias is resolved through the modules already imported.
+        target = _resolve_imported(spec)
+        if isinstance(target, type) and (
+            cls is target or (not exact and issubclass(cls, target))
+        ):
+            return True
+    return False
+
+
+class _CompiledRule:
+    """One rule's predicates, compiled; cheap predicates are tested first."""
+
+    def __init__(self, index: int, rule: Rule) -> None:
+        match: Match = rule.match
+        self.index = index
+        self.rule = rule
+        self.kind = match.kind
+        self.ndim = frozenset(match.ndim) if match.ndim is not None else None
+        self.dtype = frozenset(match.dtype) if match.dtype is not None else None
+        self.param = compile_glob(match.param) if match.param is not None else None
+        self.param_cache: dict[str, bool] = {}
+        self.name = compile_glob(match.name) if match.name is not None else None
+        self.regex = regex.compile(match.regex) if match.regex is not None else None
+        self.module = (
+            _compile_class_test(match.module, match.exact) if match.module else None
+        )
+        self.within = _compile_class_test(match.within, False) if match.within else None
+
+    def test(self, info: TensorInfo) -> Mapping[str, str] | None:
+        """Return the captures if every predicate holds, else ``None``."""
+        if info.kind != self.kind:
+            return None
+        if self.ndim is not None and info.ndim not in self.ndim:
+            return None
+        if self.dtype is not None and info.dtype not in self.dtype:
+            return None
+        if self.param is not None and not self._param_matches(info.local_name):
+            return None
+        if self.module is not None and not self.module(info.module_class):
+            return None
+        if self.within is not None and not any(map(self.within, info.ancestor_classes)):
+            return None
+        if self.name is not None and not self.name.fullmatch(info.name):
+            return None
+        if self.regex is not None:
+            return self._regex_captures(info.name)
+        return {}
+
+    def _param_matches(self, local_name: str) -> bool:
+        hit = self.param_cache.get(local_name)
+        if hit is None:
+            assert self.param is not None
+            hit = self.param.fullmatch(local_name) is not None
+            self.param_cache[local_name] = hit
+        return hit
+
+    def _regex_captures(self, name: str) -> Mapping[str, str] | None:
+        assert self.regex is not None
+        try:
+            found = self.regex.fullmatch(name, timeout=REGEX_TIMEOUT_S)
+        except TimeoutError:
+            raise PolicyError.at(
+                self.rule.location,
+                f"the regex {self.regex.pattern!r} of {self.rule.label(self.index)} "
+                f"timed out after {REGEX_TIMEOUT_S} s on the tensor name {name!r}; "
+                "simplify it (avoid nested quantifiers such as '(a+)+')",
+            ) from None
+        if found is None:
+            return None
+        return {
+            key: value for key, value in found.groupdict().items() if value is not None
+        }
+
+
+class Matcher:
+    """A policy compiled for matching: finds the winning rule per tensor.
+
+    Example:
+        >>> from initrules import load_policy
+        >>> policy = load_policy(text="rules: [{match: {param: bias}, init: zeros}]")
+        >>> matcher = Matcher(policy)
+    """
+
+    def __init__(self, policy: Policy) -> None:
+        self.policy = policy
+        self._rules = [
+            _CompiledRule(index, rule) for index, rule in enumerate(policy.rules)
+        ]
+
+    def match(
+        self, info: TensorInfo, *, all_matches: bool = False
+    ) -> MatchResult | None:
+        """Return the first rule whose predicates all hold, or ``None``.
+
+        Args:
+            info: The tensor to match.
+            all_matches: Also test the later rules and list those that match
+                in ``also_matched`` (used by reports, ``explain`` and lint).
+
+        Raises:
+            PolicyError: A rule's regex timed out on this tensor's name.
+        """
+        for position, compiled in enumerate(self._rules):
+            captures = compiled.test(info)
+            if captures is None:
+                continue
+            also: tuple[int, ...] = ()
+            if all_matches:
+                also = tuple(
+                    later.index
+                    for later in self._rules[position + 1 :]
+                    if later.test(info) is not None
+                )
+            return MatchResult(compiled.index, compiled.rule, captures, also)
+        return None

@@ -1,0 +1,255 @@
+"""Walk a model once and decide, for every tensor, which rule initializes it.
+
+The plan is complete before anything is written: every tensor has a rule (or
+is listed as unmatched or skipped), and every scheme has accepted its tensor's
+shape and dtype. Tensors shared under several names (tied weights) appear
+once, under their first name in module order.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from initrules.errors import PlanError
+from initrules.matcher import Matcher, MatchResult, TensorInfo
+from initrules.schema import Policy
+from initrules.schemes import Scheme, get_scheme
+
+__all__ = [
+    "Plan",
+    "PlannedTensor",
+    "SkippedTensor",
+    "TensorEntry",
+    "is_wrapper_segment",
+    "make_plan",
+    "walk_tensors",
+]
+
+logger = logging.getLogger(__name__)
+
+# Child attribute names that wrappers insert and that never belong to the
+# architecture: torch.compile's OptimizedModule, FSDP (version 1) and the
+# activation checkpoint wrapper. DDP's and DataParallel's `module` is handled
+# by type, since `module` is also a common name for ordinary children.
+_WRAPPER_SEGMENTS = frozenset(
+    {"_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module"}
+)
+_DATA_PARALLEL = (nn.DataParallel, nn.parallel.DistributedDataParallel)
+
+
+@dataclass
+class TensorEntry:
+    """One distinct tensor of the model, found by the walk.
+
+    Attributes:
+        info: What the matcher sees (canonical name, classes, ndim, dtype).
+        tensor: The tensor itself (a Parameter or a buffer).
+        module: The module that owns it.
+        aliases: Other canonical names of the same tensor (tied weights).
+    """
+
+    info: TensorInfo
+    tensor: torch.Tensor
+    module: nn.Module
+    aliases: list[str] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        """Canonical name: the first name of the tensor in module order."""
+        return self.info.name
+
+
+@dataclass
+class PlannedTensor:
+    """A tensor with its winning rule and the scheme that will fill it."""
+
+    entry: TensorEntry
+    match: MatchResult
+    scheme: Scheme
+
+
+@dataclass
+class SkippedTensor:
+    """A tensor that a rule matched but that is not written, with the reason."""
+
+    entry: TensorEntry
+    reason: str
+
+
+@dataclass
+class Plan:
+    """Everything ``apply`` will do, resolved before any tensor is written.
+
+    Attributes:
+        policy: The policy the plan came from.
+        planned: Tensors to initialize, in module order.
+        unmatched: Parameters that no rule matched.
+        skipped: Matched tensors that will not be written (zero elements).
+        untouched_buffers: Canonical names of buffers no rule targets.
+    """
+
+    policy: Policy
+    planned: list[PlannedTensor]
+    unmatched: list[TensorEntry]
+    skipped: list[SkippedTensor]
+    untouched_buffers: list[str]
+
+
+def is_wrapper_segment(parent: nn.Module, child_name: str) -> bool:
+    """Return True if ``child_name`` under ``parent`` is a wrapper segment."""
+    if child_name in _WRAPPER_SEGMENTS:
+        return True
+    return child_name == "module" and isinstance(parent, _DATA_PARALLEL)
+
+
+def _walk_modules(
+    module: nn.Module, prefix: tuple[str, ...], ancestors: tuple[type, ...]
+) -> Iterator[tuple[tuple[str, ...], nn.Module, tuple[type, ...]]]:
+    yield prefix, module, ancestors
+    inner_ancestors = (*ancestors, type(module))
+    for child_name, child in module._modules.items():
+        if child is None:
+            continue
+        if is_wrapper_segment(module, child_name):
+            # The wrapper is not part of the architecture: its child takes
+            # its place, with the same prefix and the same ancestors.
+            yield from _walk_modules(child, prefix, ancestors)
+        else:
+            yield from _walk_modules(child, (*prefix, child_name), inner_ancestors)
+
+
+def walk_tensors(model: nn.Module) -> tuple[list[TensorEntry], list[TensorEntry]]:
+    """Return the model's distinct parameters and buffers, in module order.
+
+    A tensor reachable under several names appears once, under its first
+    name; the other names are listed as its aliases.
+    """
+    seen: dict[int, TensorEntry] = {}
+    parameters: list[TensorEntry] = []
+    buffers: list[TensorEntry] = []
+    for prefix, module, ancestors in _walk_modules(model, (), ()):
+        tensors: list[tuple[str, torch.Tensor | None, str]] = [
+            (name, value, "parameter") for name, value in module._parameters.items()
+        ]
+        tensors += [(name, value, "buffer") for name, value in module._buffers.items()]
+        for local_name, tensor, kind in tensors:
+            if tensor is None:
+                continue
+            name = ".".join((*prefix, local_name))
+            existing = seen.get(id(tensor))
+            if existing is not None:
+                if name != existing.name and name not in existing.aliases:
+                    existing.aliases.append(name)
+                continue
+            info = TensorInfo(
+                name=name,
+                local_name=local_name,
+                module_class=type(module),
+                ancestor_classes=ancestors,
+                ndim=tensor.dim(),
+                dtype=str(tensor.dtype).removeprefix("torch."),
+                kind=kind,
+            )
+            entry = TensorEntry(info, tensor, module)
+            seen[id(tensor)] = entry
+            (parameters if kind == "parameter" else buffers).append(entry)
+    return parameters, buffers
+
+
+def make_plan(model: nn.Module, policy: Policy, *, all_matches: bool = False) -> Plan:
+    """Resolve the winning rule of every tensor and check every scheme.
+
+    Args:
+        model: The model to plan for; its tensors must not be on the meta device.
+        policy: A validated policy.
+        all_matches: Record later matching rules in each match result.
+
+    Raises:
+        PlanError: The model is on the meta device, or some scheme cannot
+            apply to a tensor its rule won (all such tensors are listed).
+        PolicyError: A rule's regex timed out.
+    """
+    parameters, buffers = walk_tensors(model)
+    _reject_meta(parameters + buffers)
+    matcher = Matcher(policy)
+
+    planned: list[PlannedTensor] = []
+    unmatched: list[TensorEntry] = []
+    skipped: list[SkippedTensor] = []
+    untouched: list[str] = []
+    problems: list[str] = []
+    for entry in parameters + buffers:
+        result = matcher.match(entry.info, all_matches=all_matches)
+        if result is None:
+            if entry.info.kind == "parameter":
+                unmatched.append(entry)
+            else:
+                untouched.append(entry.name)
+            continue
+        scheme = get_scheme(result.rule.init.scheme)
+        if entry.tensor.numel() == 0 and scheme.writes:
+            skipped.append(SkippedTensor(entry, "zero elements"))
+            continue
+        problem = _check(entry, result, scheme)
+        if problem is not None:
+            problems.append(problem)
+            continue
+        planned.append(PlannedTensor(entry, result, scheme))
+        logger.debug(
+            "%s -> %s (%s)",
+            entry.name,
+            result.rule.label(result.rule_index),
+            scheme.name,
+        )
+
+    if problems:
+        _raise_problems(problems)
+    return Plan(policy, planned, unmatched, skipped, untouched)
+
+
+def _reject_meta(entries: list[TensorEntry]) -> None:
+    meta = [entry.name for entry in entries if entry.tensor.is_meta]
+    if meta:
+        raise PlanError(
+            f"{len(meta)} tensor(s) are on the meta device and hold no memory "
+            f"(first: {meta[0]!r}); materialize the model first, for example with "
+            "model.to_empty(device='cpu')"
+        )
+
+
+def _check(entry: TensorEntry, result: MatchResult, scheme: Scheme) -> str | None:
+    tensor = entry.tensor
+    reason = scheme.check(tuple(tensor.shape), tensor.dtype)
+    needs_reset = scheme.needs_module_reset
+    if reason is None and needs_reset and not _has_reset(entry.module):
+        reason = (
+            f"{scheme.name} needs the owning module to define "
+            f"reset_parameters(), and {type(entry.module).__name__} does not"
+        )
+    if reason is None:
+        return None
+    dtype = str(tensor.dtype).removeprefix("torch.")
+    return (
+        f"{result.rule.label(result.rule_index)} cannot initialize "
+        f"{entry.name!r} (shape {tuple(tensor.shape)}, {dtype}): {reason}; "
+        "narrow the rule's match (for example with 'ndim' or 'param') or add an "
+        "earlier rule for this tensor"
+    )
+
+
+def _has_reset(module: nn.Module) -> bool:
+    return callable(getattr(module, "reset_parameters", None))
+
+
+def _raise_problems(problems: list[str]) -> None:
+    shown = "\n".join(f"  {problem}" for problem in problems[:20])
+    if len(problems) > 20:
+        shown += f"\n  ... and {len(problems) - 20} more"
+    if len(problems) == 1:
+        raise PlanError(problems[0])
+    raise PlanError(f"{len(problems)} tensors cannot be initialized:\n{shown}")

@@ -1,0 +1,304 @@
+"""Pydantic models of a policy, and the JSON Schema generated from them.
+
+A policy is an ordered list of rules; each rule has a ``match`` (predicates
+on a tensor, all of which must hold) and an ``init`` (a scheme and its
+arguments). Validation here is structural: patterns compile, scheme names
+exist, scheme arguments fit the scheme. Whether a rule can apply to a given
+tensor is decided by the planner.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+import regex
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    GetJsonSchemaHandler,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic.json_schema import JsonSchemaValue
+from pydantic_core import InitErrorDetails, PydanticCustomError, core_schema
+
+from initrules.errors import SourceLocation
+from initrules.globs import GlobError, compile_glob
+from initrules.schemes import SchemeArgs, get_scheme, scheme_names
+
+__all__ = ["InitSpec", "Match", "Policy", "Rule", "policy_json_schema"]
+
+DTypeName = Literal[
+    "float16",
+    "bfloat16",
+    "float32",
+    "float64",
+    "complex64",
+    "complex128",
+    "uint8",
+    "int8",
+    "int16",
+    "int32",
+    "int64",
+    "bool",
+]
+
+# A class name (`Linear`), a qualified name (`torch.nn.Linear`) or a glob on
+# the class name (`Conv*d`, `*Norm`).
+_MODULE_SPEC = re.compile(r"[A-Za-z_*?\[\]!\-][\w*?\[\]!\-]*(\.[A-Za-z_]\w*)*")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+def _as_list(value: Any) -> Any:
+    return (
+        [value]
+        if isinstance(value, (str, int)) and not isinstance(value, bool)
+        else value
+    )
+
+
+class Match(_Strict):
+    """Predicates that select tensors; every predicate given must hold.
+
+    Attributes:
+        name: Glob on the canonical dotted name (see :mod:`initrules.globs`).
+        regex: Regular expression full-matched against the canonical name.
+        module: Class of the owning module: a class name, a qualified name
+            or a glob on the class name; any one of a list may match.
+        exact: Match the owning module's own class only, not subclasses.
+        within: Class of an ancestor of the owning module (same forms).
+        param: Glob on the tensor's local name (``weight``, ``*_proj``).
+        ndim: Number of dimensions, or a list of allowed numbers.
+        dtype: Dtype name, or a list of allowed names.
+        kind: Whether the rule selects parameters or buffers.
+    """
+
+    name: str | None = None
+    regex: str | None = None
+    module: list[str] | None = None
+    exact: bool = False
+    within: list[str] | None = None
+    param: str | None = None
+    ndim: list[int] | None = None
+    dtype: list[DTypeName] | None = None
+    kind: Literal["parameter", "buffer"] = "parameter"
+
+    @field_validator("module", "within", "ndim", "dtype", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        return _as_list(value)
+
+    @field_validator("name", "param")
+    @classmethod
+    def _glob_compiles(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                compile_glob(value)
+            except GlobError as error:
+                raise ValueError(f"invalid glob: {error}") from None
+        return value
+
+    @field_validator("regex")
+    @classmethod
+    def _regex_compiles(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                regex.compile(value)
+            except (regex.error, OverflowError, RecursionError) as error:
+                raise ValueError(f"invalid regex {value!r}: {error}") from None
+        return value
+
+    @field_validator("module", "within")
+    @classmethod
+    def _module_specs(cls, value: list[str] | None) -> list[str] | None:
+        for spec in value or []:
+            if not _MODULE_SPEC.fullmatch(spec):
+                raise ValueError(
+                    f"invalid module class {spec!r}: expected a class name "
+                    "(Linear), a qualified name (torch.nn.Linear) or a glob on "
+                    "the class name (Conv*d)"
+                )
+            if "." in spec and any(char in spec for char in "*?[]!"):
+                raise ValueError(
+                    f"invalid module class {spec!r}: globs apply to the class "
+                    "name only, not to a qualified name"
+                )
+            try:
+                compile_glob(spec if "." not in spec else spec.replace(".", "\\."))
+            except GlobError as error:
+                raise ValueError(f"invalid module class {spec!r}: {error}") from None
+        return value
+
+    @field_validator("ndim")
+    @classmethod
+    def _ndim_range(cls, value: list[int] | None) -> list[int] | None:
+        for ndim in value or []:
+            if not 0 <= ndim <= 64:
+                raise ValueError(f"invalid ndim {ndim}: expected 0 to 64")
+        return value
+
+    @model_validator(mode="after")
+    def _name_or_regex(self) -> Match:
+        if self.name is not None and self.regex is not None:
+            raise ValueError("give either 'name' (a glob) or 'regex', not both")
+        return self
+
+
+class InitSpec(BaseModel):
+    """A scheme name with its validated arguments.
+
+    In YAML this is either a bare scheme name (``init: zeros``) or a mapping
+    with ``scheme`` and the scheme's arguments
+    (``init: {scheme: kaiming_normal, mode: fan_out}``).
+    """
+
+    model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
+
+    scheme: str
+    args: SchemeArgs
+
+    @model_validator(mode="before")
+    @classmethod
+    def _parse(cls, data: Any) -> Any:
+        if isinstance(data, InitSpec):
+            return data
+        if isinstance(data, str):
+            data = {"scheme": data}
+        if not isinstance(data, dict):
+            raise PydanticCustomError(
+                "init_type",
+                "expected a scheme name or a mapping with 'scheme' and its arguments",
+            )
+        if isinstance(data.get("args"), SchemeArgs) and set(data) == {"scheme", "args"}:
+            return data
+        arguments = dict(data)
+        name = arguments.pop("scheme", None)
+        if name is None:
+            raise _error_at("scheme", "missing", "missing required key 'scheme'", data)
+        if not isinstance(name, str):
+            raise _error_at("scheme", "scheme_type", "expected a scheme name", name)
+        try:
+            scheme = get_scheme(name)
+        except KeyError:
+            raise _error_at(
+                "scheme",
+                "unknown_scheme",
+                f"unknown scheme {name!r}; valid schemes: {', '.join(scheme_names())}",
+                name,
+            ) from None
+        return {"scheme": name, "args": scheme.args_model.model_validate(arguments)}
+
+    @classmethod
+    def __get_pydantic_json_schema__(
+        cls, schema: core_schema.CoreSchema, handler: GetJsonSchemaHandler
+    ) -> JsonSchemaValue:
+        choices: list[JsonSchemaValue] = [{"type": "string", "enum": scheme_names()}]
+        for name in scheme_names():
+            args_schema = get_scheme(name).args_model.model_json_schema()
+            properties = {
+                "scheme": {"const": name},
+                **args_schema.get("properties", {}),
+            }
+            choices.append(
+                {
+                    "type": "object",
+                    "title": name,
+                    "properties": properties,
+                    "required": ["scheme", *args_schema.get("required", [])],
+                    "additionalProperties": False,
+                }
+            )
+        return {
+            "oneOf": choices,
+            "description": cls.__doc__ and cls.__doc__.split("\n")[0],
+        }
+
+
+def _error_at(field: str, kind: str, message: str, value: Any) -> ValidationError:
+    details: InitErrorDetails = {
+        "type": PydanticCustomError(kind, message),
+        "loc": (field,),
+        "input": value,
+    }
+    return ValidationError.from_exception_data("InitSpec", [details])
+
+
+class Rule(_Strict):
+    """One rule: which tensors it selects and how it initializes them.
+
+    Attributes:
+        name: Optional label shown in reports and errors.
+        match: The predicates that select tensors.
+        init: The scheme and its arguments.
+        zero_padding_idx: After a random scheme on an embedding with a
+            ``padding_idx``, set that row to zero (as ``nn.Embedding`` does).
+    """
+
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, strict=True, arbitrary_types_allowed=True
+    )
+
+    name: str | None = None
+    match: Match
+    init: InitSpec = Field(json_schema_extra={"description": "Scheme and arguments."})
+    zero_padding_idx: bool = True
+
+    _location: SourceLocation | None = PrivateAttr(default=None)
+
+    @field_validator("init", mode="before")
+    @classmethod
+    def _init_lax(cls, value: Any) -> Any:
+        # Strict mode would reject the YAML forms (a string or a mapping).
+        return InitSpec.model_validate(value)
+
+    @property
+    def location(self) -> SourceLocation | None:
+        """Where the rule starts in its policy file, if it came from one."""
+        return self._location
+
+    def label(self, index: int) -> str:
+        """Return a readable reference to this rule, the ``index``-th (0-based)."""
+        name = f" {self.name!r}" if self.name else ""
+        where = f" at {self._location}" if self._location else ""
+        return f"rule {index + 1}{name}{where}"
+
+
+class Policy(_Strict):
+    """A validated policy: options and an ordered list of rules.
+
+    Attributes:
+        version: Format version; only 1 exists.
+        name: Optional policy name shown in reports.
+        description: Free text.
+        on_unmatched: What to do with parameters that no rule matches:
+            ``error`` (raise before writing), ``warn`` or ``keep``.
+        rules: Rules in priority order: the first whose predicates hold wins.
+    """
+
+    version: Literal[1] = 1
+    name: str | None = None
+    description: str | None = None
+    on_unmatched: Literal["error", "warn", "keep"] = "error"
+    rules: list[Rule]
+
+    _path: str = PrivateAttr(default="<text>")
+
+    @property
+    def path(self) -> str:
+        """The file the policy was loaded from, or ``"<text>"``."""
+        return self._path
+
+
+def policy_json_schema() -> dict[str, Any]:
+    """Return the JSON Schema of a policy file, for editors and validators."""
+    schema = Policy.model_json_schema(mode="validation")
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "initrules policy"
+    return schema

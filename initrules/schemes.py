@@ -1,0 +1,486 @@
+"""Init schemes: a registry by name, each with a Pydantic model of its arguments.
+
+The schemes of ``torch.nn.init`` keep torch's argument names and defaults.
+``variance_scaling`` and ``lecun_normal`` follow JAX's definitions, with fans
+computed by torch's convention (dim 0 is fan_out, dim 1 fan_in, both times
+the receptive field). ``keep`` leaves a tensor as it is; ``default`` re-runs
+the owning module's ``reset_parameters()``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+__all__ = [
+    "FillContext",
+    "Scheme",
+    "SchemeArgs",
+    "compute_fans",
+    "get_scheme",
+    "register_scheme",
+    "scheme_names",
+]
+
+Nonlinearity = Literal[
+    "linear",
+    "conv1d",
+    "conv2d",
+    "conv3d",
+    "conv_transpose1d",
+    "conv_transpose2d",
+    "conv_transpose3d",
+    "sigmoid",
+    "tanh",
+    "relu",
+    "leaky_relu",
+    "selu",
+]
+
+# Random draws for these dtypes are made in float32 and rounded once.
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+# Standard deviation of a standard normal truncated to [-2, 2], which JAX's
+# variance_scaling divides by so that the truncated draw keeps its variance.
+_TRUNCATED_NORMAL_STD = 0.87962566103423978
+
+
+class SchemeArgs(BaseModel):
+    """Base class of scheme argument models: strict, frozen, no unknown keys."""
+
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, strict=True, allow_inf_nan=False
+    )
+
+
+@dataclass(frozen=True)
+class FillContext:
+    """What a scheme may use besides its tensor and arguments.
+
+    Attributes:
+        module: The module that owns the tensor.
+        local_name: The tensor's attribute name on ``module`` (``weight``).
+        generator: The generator to draw from, or ``None`` for torch's global one.
+        seed: The tensor's derived seed when the run is seeded, else ``None``.
+    """
+
+    module: nn.Module
+    local_name: str
+    generator: torch.Generator | None
+    seed: int | None
+
+
+FillFn = Callable[[torch.Tensor, SchemeArgs, FillContext], None]
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """An init scheme: its name, argument model, fill function and needs.
+
+    Attributes:
+        name: Registry name used in policies.
+        args_model: Pydantic model of the scheme's arguments.
+        fill: Writes the scheme's values into a tensor in place.
+        random: True if the values are drawn at random (needs a float dtype).
+        min_ndim: Fewest dimensions the tensor may have.
+        max_ndim: Most dimensions the tensor may have, or ``None``.
+        needs_module_reset: True if the owning module must define
+            ``reset_parameters`` (the ``default`` scheme).
+        writes: False for schemes that leave the tensor as it is (``keep``).
+    """
+
+    name: str
+    args_model: type[SchemeArgs]
+    fill: FillFn
+    random: bool
+    min_ndim: int = 0
+    max_ndim: int | None = None
+    needs_module_reset: bool = False
+    writes: bool = True
+
+    def check(self, shape: tuple[int, ...], dtype: torch.dtype) -> str | None:
+        """Return why this scheme cannot fill a tensor, or ``None`` if it can."""
+        ndim = len(shape)
+        if ndim < self.min_ndim or (self.max_ndim is not None and ndim > self.max_ndim):
+            return f"{self.name} needs {self._ndim_text()}, got {ndim}-D"
+        needs_float = self.random or self.name in ("eye", "dirac")
+        if needs_float and not (dtype.is_floating_point or dtype.is_complex):
+            return (
+                f"{self.name} needs a floating-point tensor, got {_dtype_name(dtype)}"
+            )
+        return None
+
+    def _ndim_text(self) -> str:
+        if self.max_ndim == self.min_ndim:
+            return f"a {self.min_ndim}-D tensor"
+        if self.max_ndim is None:
+            return f"a tensor with at least {self.min_ndim} dimensions"
+        return f"a {self.min_ndim}-D to {self.max_ndim}-D tensor"
+
+
+_REGISTRY: dict[str, Scheme] = {}
+
+
+def register_scheme(scheme: Scheme, *, override: bool = False) -> Scheme:
+    """Add a scheme to the registry; an existing name needs ``override=True``."""
+    if scheme.name in _REGISTRY and not override:
+        raise ValueError(
+            f"scheme {scheme.name!r} is already registered; pass override=True "
+            "to replace it"
+        )
+    _REGISTRY[scheme.name] = scheme
+    return scheme
+
+
+def get_scheme(name: str) -> Scheme:
+    """Return the registered scheme called ``name``.
+
+    Raises:
+        KeyError: No scheme has that name; the message lists the valid names.
+    """
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise KeyError(
+            f"unknown scheme {name!r}; valid schemes: {', '.join(scheme_names())}"
+        ) from None
+
+
+def scheme_names() -> list[str]:
+    """Return the registered scheme names, sorted."""
+    return sorted(_REGISTRY)
+
+
+def compute_fans(shape: tuple[int, ...]) -> tuple[int, int]:
+    """Return ``(fan_in, fan_out)`` by torch's convention for a 2-D or larger shape."""
+    receptive_field = math.prod(shape[2:]) if len(shape) > 2 else 1
+    return shape[1] * receptive_field, shape[0] * receptive_field
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _in_float32(fill: FillFn) -> FillFn:
+    """Run ``fill`` on a float32 copy for half-precision tensors, rounding once."""
+
+    def wrapped(tensor: torch.Tensor, args: SchemeArgs, ctx: FillContext) -> None:
+        if tensor.dtype not in _LOW_PRECISION:
+            fill(tensor, args, ctx)
+            return
+        scratch = torch.empty(tensor.shape, dtype=torch.float32, device=tensor.device)
+        fill(scratch, args, ctx)
+        tensor.copy_(scratch)
+
+    return wrapped
+
+
+# --- torch.nn.init schemes -------------------------------------------------
+
+
+class NoArgs(SchemeArgs):
+    """Arguments of a scheme that takes none."""
+
+
+class UniformArgs(SchemeArgs):
+    """Arguments of ``uniform``: values drawn from U(a, b)."""
+
+    a: float = 0.0
+    b: float = 1.0
+
+
+class NormalArgs(SchemeArgs):
+    """Arguments of ``normal``: values drawn from N(mean, std**2)."""
+
+    mean: float = 0.0
+    std: float = Field(1.0, ge=0.0)
+
+
+class TruncNormalArgs(SchemeArgs):
+    """Arguments of ``trunc_normal``; ``a`` and ``b`` are absolute bounds."""
+
+    mean: float = 0.0
+    std: float = Field(1.0, ge=0.0)
+    a: float = -2.0
+    b: float = 2.0
+
+
+class ConstantArgs(SchemeArgs):
+    """Arguments of ``constant``: every element set to ``val``."""
+
+    val: float
+
+
+class DiracArgs(SchemeArgs):
+    """Arguments of ``dirac``: the identity of a convolution with ``groups``."""
+
+    groups: int = Field(1, ge=1)
+
+
+class GainArgs(SchemeArgs):
+    """Arguments of the Xavier and orthogonal schemes."""
+
+    gain: float = 1.0
+
+
+class KaimingArgs(SchemeArgs):
+    """Arguments of the Kaiming (He) schemes, as in ``torch.nn.init``."""
+
+    a: float = 0.0
+    mode: Literal["fan_in", "fan_out"] = "fan_in"
+    nonlinearity: Nonlinearity = "leaky_relu"
+
+
+class SparseArgs(SchemeArgs):
+    """Arguments of ``sparse``: the fraction of each column set to zero."""
+
+    sparsity: float = Field(ge=0.0, le=1.0)
+    std: float = Field(0.01, ge=0.0)
+
+
+class VarianceScalingArgs(SchemeArgs):
+    """Arguments of ``variance_scaling``, with JAX's meaning.
+
+    The target variance is ``scale / n``, where ``n`` is fan_in, fan_out or
+    their mean; a truncated normal is cut at two standard deviations and
+    rescaled so that the draw keeps that variance.
+    """
+
+    scale: float = Field(1.0, gt=0.0)
+    mode: Literal["fan_in", "fan_out", "fan_avg"] = "fan_in"
+    distribution: Literal["truncated_normal", "normal", "uniform"] = "truncated_normal"
+
+
+def _fill_uniform(tensor: torch.Tensor, args: SchemeArgs, ctx: FillContext) -> None:
+    assert isinstance(args, UniformArgs)
+    nn.init.uniform_(tensor, args.a, args.b, generator=ctx.generator)
+
+
+def _fill_normal(tensor: torch.Tensor, args: SchemeArgs, ctx: FillContext) -> None:
+    assert isinstance(args, NormalArgs)
+    nn.init.normal_(tensor, args.mean, args.std, generator=ctx.generator)
+
+
+def _fill_trunc_normal(
+    tensor: torch.Tensor, args: SchemeArgs, ctx: FillContext
+) -> None:
+    assert isinstance(args, TruncNormalArgs)
+    nn.init.trunc_normal_(
+        tensor, args.mean, args.std, args.a, args.b, generator=ctx.generator
+    )
+
+
+def _fill_constant(tensor: torch.Tensor, args: SchemeArgs, ctx: FillContext) -> None:
+    assert isinstance(args, ConstantArgs)
+    tensor.fill_(args.val)
+
+
+def _fill_ones(tensor: torch.Tensor, args: SchemeArgs, ctx: FillContext) -> None:
+    tensor.fill_(1)
+
+
+def _fill_zeros(tensor: torch.Tensor, args: SchemeArgs, ctx: FillContext) -> None:
+    tensor.zero_()
+
+
+def _fill_eye(tensor: torch.Tensor, args: SchemeArgs, ctx: FillContext) -> None:
+    nn.init.eye_(tensor)
+
+
+def _fill_dirac(tensor: torch.Tensor, args: SchemeArgs, ctx: FillContext) -> None:
+    assert isinstance(args, DiracArgs)
+    nn.init.dirac_(tensor, args.groups)
+
+
+def _fill_xavier_uniform(
+    tensor: torch.Tensor, args: SchemeArgs, ctx: FillContext
+) -> None:
+    assert isinstance(args, GainArgs)
+    nn.init.xavier_uniform_(tensor, args.gain, generator=ctx.generator)
+
+
+def _fill_xavier_normal(
+    tensor: torch.Tensor, args: SchemeArgs, ctx: FillContext
+) -> None:
+    assert isinstance(args, GainArgs)
+    nn.init.xavier_normal_(tensor, args.gain, generator=ctx.generator)
+
+
+def _fill_kaiming_uniform(
+    tensor: torch.Tensor, args: SchemeArgs, ctx: FillContext
+) -> None:
+    assert isinstance(args, KaimingArgs)
+    nn.init.kaiming_uniform_(
+        tensor, args.a, args.mode, args.nonlinearity, generator=ctx.generator
+    )
+
+
+def _fill_kaiming_normal(
+    tensor: torch.Tensor, args: SchemeArgs, ctx: FillContext
+) -> None:
+    assert isinstance(args, KaimingArgs)
+    nn.init.kaiming_normal_(
+        tensor, args.a, args.mode, args.nonlinearity, generator=ctx.generator
+    )
+
+
+def _fill_orthogonal(tensor: torch.Tensor, args: SchemeArgs, ctx: FillContext) -> None:
+    assert isinstance(args, GainArgs)
+    nn.init.orthogonal_(tensor, args.gain, generator=ctx.generator)
+
+
+def _fill_sparse(tensor: torch.Tensor, args: SchemeArgs, ctx: FillContext) -> None:
+    assert isinstance(args, SparseArgs)
+    nn.init.sparse_(tensor, args.sparsity, args.std, generator=ctx.generator)
+
+
+def _fill_variance_scaling(
+    tensor: torch.Tensor, args: SchemeArgs, ctx: FillContext
+) -> None:
+    assert isinstance(args, VarianceScalingArgs)
+    fan_in, fan_out = compute_fans(tuple(tensor.shape))
+    denominator = {
+        "fan_in": fan_in,
+        "fan_out": fan_out,
+        "fan_avg": (fan_in + fan_out) / 2,
+    }[args.mode]
+    variance = args.scale / max(1.0, denominator)
+    if args.distribution == "truncated_normal":
+        std = math.sqrt(variance) / _TRUNCATED_NORMAL_STD
+        nn.init.trunc_normal_(
+            tensor, 0.0, std, -2 * std, 2 * std, generator=ctx.generator
+        )
+    elif args.distribution == "normal":
+        nn.init.normal_(tensor, 0.0, math.sqrt(variance), generator=ctx.generator)
+    else:
+        limit = math.sqrt(3.0 * variance)
+        nn.init.uniform_(tensor, -limit, limit, generator=ctx.generator)
+
+
+class LecunNormalArgs(SchemeArgs):
+    """``lecun_normal`` takes no arguments: variance 1/fan_in, truncated normal."""
+
+
+_LECUN = VarianceScalingArgs(scale=1.0, mode="fan_in", distribution="truncated_normal")
+
+
+def _fill_lecun_normal(
+    tensor: torch.Tensor, args: SchemeArgs, ctx: FillContext
+) -> None:
+    _fill_variance_scaling(tensor, _LECUN, ctx)
+
+
+def _fill_keep(tensor: torch.Tensor, args: SchemeArgs, ctx: FillContext) -> None:
+    return None
+
+
+def _fill_default(tensor: torch.Tensor, args: SchemeArgs, ctx: FillContext) -> None:
+    """Re-run the module's ``reset_parameters`` and keep only this tensor's values."""
+    module = ctx.module
+    others = {
+        name: value.detach().clone()
+        for name, value in [
+            *module.named_parameters(recurse=False),
+            *module.named_buffers(recurse=False),
+        ]
+        if name != ctx.local_name and value is not None
+    }
+    # getattr, because nn.Module.__getattr__ is typed to return tensors.
+    reset: Callable[[], object] = getattr(module, "reset_parameters")  # noqa: B009
+    if ctx.seed is None:
+        reset()
+    else:
+        devices = [tensor.device.index or 0] if tensor.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(ctx.seed)
+            reset()
+    for name, saved in others.items():
+        getattr(module, name).copy_(saved)
+
+
+def _register_builtins() -> None:
+    builtins = [
+        Scheme("uniform", UniformArgs, _in_float32(_fill_uniform), random=True),
+        Scheme("normal", NormalArgs, _in_float32(_fill_normal), random=True),
+        Scheme(
+            "trunc_normal",
+            TruncNormalArgs,
+            _in_float32(_fill_trunc_normal),
+            random=True,
+        ),
+        Scheme("constant", ConstantArgs, _fill_constant, random=False),
+        Scheme("ones", NoArgs, _fill_ones, random=False),
+        Scheme("zeros", NoArgs, _fill_zeros, random=False),
+        Scheme("eye", NoArgs, _fill_eye, random=False, min_ndim=2, max_ndim=2),
+        Scheme("dirac", DiracArgs, _fill_dirac, random=False, min_ndim=3, max_ndim=5),
+        Scheme(
+            "xavier_uniform",
+            GainArgs,
+            _in_float32(_fill_xavier_uniform),
+            random=True,
+            min_ndim=2,
+        ),
+        Scheme(
+            "xavier_normal",
+            GainArgs,
+            _in_float32(_fill_xavier_normal),
+            random=True,
+            min_ndim=2,
+        ),
+        Scheme(
+            "kaiming_uniform",
+            KaimingArgs,
+            _in_float32(_fill_kaiming_uniform),
+            random=True,
+            min_ndim=2,
+        ),
+        Scheme(
+            "kaiming_normal",
+            KaimingArgs,
+            _in_float32(_fill_kaiming_normal),
+            random=True,
+            min_ndim=2,
+        ),
+        Scheme(
+            "orthogonal",
+            GainArgs,
+            _in_float32(_fill_orthogonal),
+            random=True,
+            min_ndim=2,
+        ),
+        Scheme(
+            "sparse",
+            SparseArgs,
+            _in_float32(_fill_sparse),
+            random=True,
+            min_ndim=2,
+            max_ndim=2,
+        ),
+        Scheme(
+            "variance_scaling",
+            VarianceScalingArgs,
+            _in_float32(_fill_variance_scaling),
+            random=True,
+            min_ndim=2,
+        ),
+        Scheme(
+            "lecun_normal",
+            LecunNormalArgs,
+            _in_float32(_fill_lecun_normal),
+            random=True,
+            min_ndim=2,
+        ),
+        Scheme("keep", NoArgs, _fill_keep, random=False, writes=False),
+        Scheme("default", NoArgs, _fill_default, random=True, needs_module_reset=True),
+    ]
+    for scheme in builtins:
+        register_scheme(scheme)
+
+
+_register_builtins()
