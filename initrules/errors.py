@@ -70,10 +70,12 @@ class PolicyError(InitRulesError):
         super().__init__(f"{self._prefix()}: {reason}")
 
     @classmethod
-    def at(cls, location: SourceLocation | None, reason: str) -> PolicyError:
-        """Build an error positioned at ``location`` (or with no position)."""
+    def at(
+        cls, location: SourceLocation | None, reason: str, *, path: str = "<text>"
+    ) -> PolicyError:
+        """Build an error at ``location``, or at ``path`` with no position."""
         if location is None:
-            return cls(reason)
+            return cls(reason, path=path)
         return cls(
             reason, path=location.path, line=location.line, column=location.column
         )

@@ -67,11 +67,12 @@ def load_policy(
 def _parse(text: str, source: str) -> Policy:
     data, positions = _compose(text, source)
     if not isinstance(data, dict):
-        location = positions.value_at(())
+        location = positions.value_at(()) or SourceLocation(source, 1, 1)
         found = "an empty document" if data is None else f"a {_yaml_type(data)}"
         raise PolicyError.at(
             location,
             f"expected a mapping with 'rules' at the top level, found {found}",
+            path=source,
         )
     try:
         policy = Policy.model_validate(data)
@@ -209,19 +210,29 @@ def _yaml_type(value: Any) -> str:
 def _policy_error(
     error: ValidationError, data: Any, positions: _Positions
 ) -> PolicyError:
-    """Turn the first validation error into a positioned PolicyError."""
-    details = error.errors(include_url=False)
-    first = details[0]
-    loc = tuple(first["loc"])
-    if first["type"] == "extra_forbidden":
-        location = positions.key_at(loc)
-    else:
-        location = positions.value_at(loc)
-    reason = _describe(first, loc, data)
-    others = len(details) - 1
+    """Turn the first validation error into a positioned PolicyError.
+
+    Unknown keys come first, because a misspelled key also makes the key it
+    was meant to be "missing"; then errors are taken in file order.
+    """
+    located = []
+    for detail in error.errors(include_url=False):
+        loc = tuple(detail["loc"])
+        if detail["type"] == "extra_forbidden":
+            location = positions.key_at(loc)
+        else:
+            location = positions.value_at(loc)
+        position = (location.line, location.column) if location else (0, 0)
+        located.append(
+            (detail["type"] != "extra_forbidden", position, detail, location)
+        )
+    located.sort(key=lambda item: item[:2])
+    _, _, first, location = located[0]
+    reason = _describe(first, tuple(first["loc"]), data)
+    others = len(located) - 1
     if others:
         reason += f" (and {others} more error{'s' if others > 1 else ''})"
-    return PolicyError.at(location, reason)
+    return PolicyError.at(location, reason, path=positions.source)
 
 
 def _describe(detail: ErrorDetails, loc: Loc, data: Any) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -61,9 +61,6 @@ class MatchResult:
     also_matched: tuple[int, ...] = ()
 
 
-ClassTest = Callable[[type], bool]
-
-
 def _qualified_name(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
@@ -84,20 +81,21 @@ def _resolve_imported(qualified: str) -> Any:
     return None
 
 
-def _compile_class_test(specs: list[str], exact: bool) -> ClassTest:
-    """Build a cached test of a module class against class specs."""
-    globs = [compile_glob(spec) for spec in specs if "." not in spec]
-    qualified = [spec for spec in specs if "." in spec]
-    cache: dict[type, bool] = {}
+class _ClassPredicate:
+    """Test of a module class against class specs, cached per class."""
 
-    def matches(cls: type) -> bool:
-        hit = cache.get(cls)
+    def __init__(self, specs: list[str], exact: bool) -> None:
+        self.globs = [compile_glob(spec) for spec in specs if "." not in spec]
+        self.qualified = [spec for spec in specs if "." in spec]
+        self.exact = exact
+        self.cache: dict[type, bool] = {}
+
+    def __call__(self, cls: type) -> bool:
+        hit = self.cache.get(cls)
         if hit is None:
-            hit = _class_matches(cls, globs, qualified, exact)
-            cache[cls] = hit
+            hit = _class_matches(cls, self.globs, self.qualified, self.exact)
+            self.cache[cls] = hit
         return hit
-
-    return matches
 
 
 def _class_matches(
@@ -120,6 +118,12 @@ def _class_matches(
     return False
 
 
+def _shorten(name: str, limit: int = 120) -> str:
+    if len(name) <= limit:
+        return repr(name)
+    return repr(name[: limit // 2] + "..." + name[-limit // 2 :])
+
+
 class _CompiledRule:
     """One rule's predicates, compiled; cheap predicates are tested first."""
 
@@ -135,9 +139,9 @@ class _CompiledRule:
         self.name = compile_glob(match.name) if match.name is not None else None
         self.regex = regex.compile(match.regex) if match.regex is not None else None
         self.module = (
-            _compile_class_test(match.module, match.exact) if match.module else None
+            _ClassPredicate(match.module, match.exact) if match.module else None
         )
-        self.within = _compile_class_test(match.within, False) if match.within else None
+        self.within = _ClassPredicate(match.within, False) if match.within else None
 
     def test(self, info: TensorInfo) -> Mapping[str, str] | None:
         """Return the captures if every predicate holds, else ``None``."""
@@ -174,8 +178,9 @@ class _CompiledRule:
         except TimeoutError:
             raise PolicyError.at(
                 self.rule.location,
-                f"the regex {self.regex.pattern!r} of {self.rule.label(self.index)} "
-                f"timed out after {REGEX_TIMEOUT_S} s on the tensor name {name!r}; "
+                f"the regex {self.regex.pattern!r} of "
+                f"{self.rule.label(self.index, with_location=False)} timed out after "
+                f"{REGEX_TIMEOUT_S} s on the tensor name {_shorten(name)}; "
                 "simplify it (avoid nested quantifiers such as '(a+)+')",
             ) from None
         if found is None:

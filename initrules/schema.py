@@ -9,6 +9,7 @@ tensor is decided by the planner.
 
 from __future__ import annotations
 
+import inspect
 import re
 from typing import Any, Literal
 
@@ -16,7 +17,6 @@ import regex
 from pydantic import (
     BaseModel,
     ConfigDict,
-    Field,
     GetJsonSchemaHandler,
     PrivateAttr,
     ValidationError,
@@ -247,7 +247,7 @@ class Rule(_Strict):
 
     name: str | None = None
     match: Match
-    init: InitSpec = Field(json_schema_extra={"description": "Scheme and arguments."})
+    init: InitSpec
     zero_padding_idx: bool = True
 
     _location: SourceLocation | None = PrivateAttr(default=None)
@@ -263,10 +263,10 @@ class Rule(_Strict):
         """Where the rule starts in its policy file, if it came from one."""
         return self._location
 
-    def label(self, index: int) -> str:
+    def label(self, index: int, *, with_location: bool = True) -> str:
         """Return a readable reference to this rule, the ``index``-th (0-based)."""
         name = f" {self.name!r}" if self.name else ""
-        where = f" at {self._location}" if self._location else ""
+        where = f" at {self._location}" if self._location and with_location else ""
         return f"rule {index + 1}{name}{where}"
 
 
@@ -301,4 +301,32 @@ def policy_json_schema() -> dict[str, Any]:
     schema = Policy.model_json_schema(mode="validation")
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     schema["title"] = "initrules policy"
+    _describe_from_docstring(schema, Policy)
+    for name, model in (("Match", Match), ("Rule", Rule)):
+        _describe_from_docstring(schema["$defs"][name], model)
+    match_properties = schema["$defs"]["Match"]["properties"]
+    for field_name in ("module", "within", "ndim", "dtype"):
+        # YAML accepts one value or a list of them.
+        listed = match_properties[field_name]["anyOf"][0]
+        match_properties[field_name]["anyOf"].insert(0, listed["items"])
     return schema
+
+
+def _describe_from_docstring(schema: dict[str, Any], model: type[BaseModel]) -> None:
+    """Use the summary and the ``Attributes:`` entries of a model's docstring."""
+    doc = inspect.cleandoc(model.__doc__ or "")
+    summary, _, rest = doc.partition("\n\n")
+    schema["description"] = summary.replace("\n", " ")
+    _, _, attributes = rest.partition("Attributes:\n")
+    current: str | None = None
+    descriptions: dict[str, list[str]] = {}
+    for line in attributes.splitlines():
+        field_name, colon, text = line.strip().partition(": ")
+        if line.startswith("    ") and not line.startswith("     ") and colon:
+            current = field_name
+            descriptions[current] = [text]
+        elif current is not None and line.strip():
+            descriptions[current].append(line.strip())
+    for field_name, words in descriptions.items():
+        schema["properties"][field_name]["description"] = " ".join(words)
+        schema["properties"][field_name].pop("title", None)
