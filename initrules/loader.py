@@ -35,7 +35,7 @@ def load_policy(
         text: YAML text to parse instead of a file.
 
     Returns:
-        The validated policy; each rule knows its file position.
+        The validated policy. Each rule carries its position in the file.
 
     Raises:
         PolicyError: The file cannot be read, or the YAML or the policy is
@@ -47,7 +47,7 @@ def load_policy(
         'zeros'
     """
     if (path is None) == (text is None):
-        raise TypeError("load_policy() takes either a path or text=..., not both")
+        raise TypeError("load_policy() needs exactly one of path or text=...")
     if path is not None:
         source = os.fspath(path)
         try:

@@ -55,9 +55,9 @@ def test_text_policy_path_is_placeholder() -> None:
 
 
 def test_path_and_text_are_exclusive(tmp_path: Path) -> None:
-    with pytest.raises(TypeError, match="either a path or text"):
+    with pytest.raises(TypeError, match="exactly one of path or text"):
         load_policy(write(tmp_path, VALID), text=VALID)
-    with pytest.raises(TypeError, match="either a path or text"):
+    with pytest.raises(TypeError, match="exactly one of path or text"):
         load_policy()
 
 
