@@ -12,9 +12,9 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
+from transformers import GPT2Config, GPT2LMHeadModel
 
-import initrules  # noqa: E402
+import initrules
 
 POLICY = Path(__file__).resolve().parents[1] / "policies" / "gpt2.yaml"
 

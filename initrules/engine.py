@@ -173,6 +173,7 @@ def _row(item: PlannedTensor, note: str) -> Row:
         rule_location=str(rule.location) if rule.location else None,
         scheme=item.scheme.name,
         args=rule.init.args.model_dump(),
+        captures=dict(item.match.captures),
         mean=mean,
         std=std,
         min=low,

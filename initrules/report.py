@@ -24,6 +24,7 @@ class Row:
         rule_location: ``file:line:column`` of the winning rule, if known.
         scheme: Scheme name.
         args: Resolved scheme arguments, defaults included.
+        captures: Named groups captured by the winning rule's regex.
         mean: Mean of the values after init.
         std: Standard deviation after init (0 for a single element).
         min: Smallest value after init.
@@ -42,6 +43,7 @@ class Row:
     rule_location: str | None
     scheme: str
     args: dict[str, Any]
+    captures: dict[str, str]
     mean: float | None
     std: float | None
     min: float | None

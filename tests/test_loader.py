@@ -246,3 +246,18 @@ def test_apply_never_parses_path_as_yaml(tmp_path: Path) -> None:
     with pytest.raises(PolicyError) as excinfo:
         initrules.apply(torch.nn.Linear(2, 2), missing)
     assert str(excinfo.value) == f"{missing}: policy file not found"
+
+
+@pytest.mark.parametrize(
+    "text", [case[1] for case in BAD_TEXT], ids=[case[0] for case in BAD_TEXT]
+)
+def test_bad_policy_leaves_model_untouched(tmp_path: Path, text: str) -> None:
+    import torch
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+    with pytest.raises(PolicyError):
+        initrules.apply(model, write(tmp_path, text))
+    after = model.state_dict()
+    for name, value in before.items():
+        assert torch.equal(after[name], value), f"{name} changed"
