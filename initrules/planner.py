@@ -224,21 +224,24 @@ def _reject_meta(entries: list[TensorEntry]) -> None:
 
 def _check(entry: TensorEntry, result: MatchResult, scheme: Scheme) -> str | None:
     tensor = entry.tensor
-    reason = scheme.check(tuple(tensor.shape), tensor.dtype)
+    reason = scheme.check(tuple(tensor.shape), tensor.dtype, result.rule.init.args)
+    hint = (
+        "narrow the rule's match (for example with 'ndim' or 'param') or add an "
+        "earlier rule for this tensor"
+    )
     needs_reset = scheme.needs_module_reset
     if reason is None and needs_reset and not _has_reset(entry.module):
         reason = (
             f"{scheme.name} needs the owning module to define "
             f"reset_parameters(), and {type(entry.module).__name__} does not"
         )
+        hint = "choose another scheme for this tensor"
     if reason is None:
         return None
     dtype = str(tensor.dtype).removeprefix("torch.")
     return (
         f"{result.rule.label(result.rule_index)} cannot initialize "
-        f"{entry.name!r} (shape {tuple(tensor.shape)}, {dtype}): {reason}; "
-        "narrow the rule's match (for example with 'ndim' or 'param') or add an "
-        "earlier rule for this tensor"
+        f"{entry.name!r} (shape {tuple(tensor.shape)}, {dtype}): {reason}; {hint}"
     )
 
 

@@ -9,13 +9,14 @@ the owning module's ``reset_parameters()``.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 __all__ = [
@@ -77,6 +78,7 @@ class FillContext:
 
 
 FillFn = Callable[[torch.Tensor, SchemeArgs, FillContext], None]
+ArgsCheck = Callable[[tuple[int, ...], torch.dtype, "SchemeArgs"], "str | None"]
 
 
 @dataclass(frozen=True)
@@ -93,6 +95,8 @@ class Scheme:
         needs_module_reset: True if the owning module must define
             ``reset_parameters`` (the ``default`` scheme).
         writes: False for schemes that leave the tensor as it is (``keep``).
+        check_args: Returns why the arguments cannot fill a tensor of this
+            shape and dtype, or ``None``; run at plan time.
     """
 
     name: str
@@ -103,8 +107,11 @@ class Scheme:
     max_ndim: int | None = None
     needs_module_reset: bool = False
     writes: bool = True
+    check_args: ArgsCheck | None = None
 
-    def check(self, shape: tuple[int, ...], dtype: torch.dtype) -> str | None:
+    def check(
+        self, shape: tuple[int, ...], dtype: torch.dtype, args: SchemeArgs | None = None
+    ) -> str | None:
         """Return why this scheme cannot fill a tensor, or ``None`` if it can."""
         ndim = len(shape)
         if ndim < self.min_ndim or (self.max_ndim is not None and ndim > self.max_ndim):
@@ -114,6 +121,8 @@ class Scheme:
             return (
                 f"{self.name} needs a floating-point tensor, got {_dtype_name(dtype)}"
             )
+        if self.check_args is not None and args is not None:
+            return self.check_args(shape, dtype, args)
         return None
 
     def _ndim_text(self) -> str:
@@ -194,6 +203,12 @@ class UniformArgs(SchemeArgs):
     a: float = 0.0
     b: float = 1.0
 
+    @model_validator(mode="after")
+    def _ordered(self) -> UniformArgs:
+        if self.a > self.b:
+            raise ValueError(f"a ({self.a}) must not be greater than b ({self.b})")
+        return self
+
 
 class NormalArgs(SchemeArgs):
     """Arguments of ``normal``: values drawn from N(mean, std**2)."""
@@ -209,6 +224,12 @@ class TruncNormalArgs(SchemeArgs):
     std: float = Field(1.0, ge=0.0)
     a: float = -2.0
     b: float = 2.0
+
+    @model_validator(mode="after")
+    def _ordered(self) -> TruncNormalArgs:
+        if self.a >= self.b:
+            raise ValueError(f"a ({self.a}) must be less than b ({self.b})")
+        return self
 
 
 class ConstantArgs(SchemeArgs):
@@ -381,27 +402,65 @@ def _fill_keep(tensor: torch.Tensor, args: SchemeArgs, ctx: FillContext) -> None
 
 
 def _fill_default(tensor: torch.Tensor, args: SchemeArgs, ctx: FillContext) -> None:
-    """Re-run the module's ``reset_parameters`` and keep only this tensor's values."""
+    """Re-run the module's ``reset_parameters`` and keep only this tensor's values.
+
+    Every other tensor of the module and of its children is saved and
+    restored, since some ``reset_parameters`` also reset child modules.
+    """
     module = ctx.module
-    others = {
-        name: value.detach().clone()
-        for name, value in [
-            *module.named_parameters(recurse=False),
-            *module.named_buffers(recurse=False),
-        ]
-        if name != ctx.local_name and value is not None
-    }
+    others = [
+        (value, value.detach().clone())
+        for value in [*module.parameters(), *module.buffers()]
+        if value is not tensor
+    ]
     # getattr, because nn.Module.__getattr__ is typed to return tensors.
     reset: Callable[[], object] = getattr(module, "reset_parameters")  # noqa: B009
     if ctx.seed is None:
         reset()
     else:
-        devices = [tensor.device.index or 0] if tensor.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(ctx.seed)
+        with _seeded_global_generators(tensor.device, ctx.seed):
             reset()
-    for name, saved in others.items():
-        getattr(module, name).copy_(saved)
+    for value, saved in others:
+        value.copy_(saved)
+
+
+@contextlib.contextmanager
+def _seeded_global_generators(device: torch.device, seed: int) -> Iterator[None]:
+    """Seed the global generator of ``device`` (and the CPU's), then restore them."""
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.default_generator.manual_seed(seed)
+        if device.type == "cuda":
+            with torch.cuda.device(device):
+                torch.cuda.manual_seed(seed)
+        yield
+
+
+def _check_dirac(
+    shape: tuple[int, ...], dtype: torch.dtype, args: SchemeArgs
+) -> str | None:
+    assert isinstance(args, DiracArgs)
+    if shape[0] % args.groups:
+        return (
+            f"dirac needs dim 0 ({shape[0]}) to be divisible by groups ({args.groups})"
+        )
+    return None
+
+
+def _check_constant(
+    shape: tuple[int, ...], dtype: torch.dtype, args: SchemeArgs
+) -> str | None:
+    assert isinstance(args, ConstantArgs)
+    if dtype.is_floating_point or dtype.is_complex:
+        return None
+    if dtype == torch.bool:
+        if args.val not in (0.0, 1.0):
+            return f"constant {args.val} is not a bool value (0 or 1)"
+        return None
+    info = torch.iinfo(dtype)
+    if not float(args.val).is_integer() or not info.min <= args.val <= info.max:
+        return f"constant {args.val} cannot be stored in {_dtype_name(dtype)}"
+    return None
 
 
 def _register_builtins() -> None:
@@ -414,11 +473,25 @@ def _register_builtins() -> None:
             _in_float32(_fill_trunc_normal),
             random=True,
         ),
-        Scheme("constant", ConstantArgs, _fill_constant, random=False),
+        Scheme(
+            "constant",
+            ConstantArgs,
+            _fill_constant,
+            random=False,
+            check_args=_check_constant,
+        ),
         Scheme("ones", NoArgs, _fill_ones, random=False),
         Scheme("zeros", NoArgs, _fill_zeros, random=False),
         Scheme("eye", NoArgs, _fill_eye, random=False, min_ndim=2, max_ndim=2),
-        Scheme("dirac", DiracArgs, _fill_dirac, random=False, min_ndim=3, max_ndim=5),
+        Scheme(
+            "dirac",
+            DiracArgs,
+            _fill_dirac,
+            random=False,
+            min_ndim=3,
+            max_ndim=5,
+            check_args=_check_dirac,
+        ),
         Scheme(
             "xavier_uniform",
             GainArgs,

@@ -128,6 +128,11 @@ BAD_TEXT = [
         "0, got -1",
     ),
     (
+        "uniform-bounds-reversed",
+        "rules:\n  - match: {param: weight}\n    init: {scheme: uniform, a: 1, b: 0}\n",
+        "3:11: 'init' of rule 1: a (1.0) must not be greater than b (0.0)",
+    ),
+    (
         "missing-init",
         "rules:\n  - match: {param: weight}\n",
         "2:5: missing required key 'init' in rule 1",
