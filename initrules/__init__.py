@@ -17,6 +17,7 @@ Example:
 
 from initrules.engine import apply, derive_seed
 from initrules.errors import (
+    ApplyError,
     InitRulesError,
     InitRulesWarning,
     PlanError,
@@ -39,6 +40,7 @@ from initrules.schemes import (
 )
 
 __all__ = [
+    "ApplyError",
     "FillContext",
     "InitRulesError",
     "InitRulesWarning",

@@ -10,7 +10,7 @@ import warnings
 import torch
 from torch import nn
 
-from initrules.errors import InitRulesWarning, UnmatchedTensorsError
+from initrules.errors import ApplyError, InitRulesWarning, UnmatchedTensorsError
 from initrules.loader import load_policy
 from initrules.planner import Plan, PlannedTensor, make_plan
 from initrules.report import Report, Row, Skipped
@@ -86,6 +86,8 @@ def apply(model: nn.Module, policy: PolicySource, *, seed: int | None = None) ->
         >>> report.summary["initialized"]
         2
     """
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
     resolved = resolve_policy(policy)
     plan = make_plan(model, resolved)
     _handle_unmatched(plan)
@@ -98,8 +100,11 @@ def apply(model: nn.Module, policy: PolicySource, *, seed: int | None = None) ->
         untouched_buffers=plan.untouched_buffers,
     )
     with torch.no_grad():
-        for item in plan.planned:
-            note = _fill(item, seed)
+        for written, item in enumerate(plan.planned):
+            try:
+                note = _fill(item, seed)
+            except Exception as error:
+                raise _write_error(item, written, error) from error
             report.rows.append(_row(item, note))
     logger.info(
         "initialized %d tensors with policy %s (%d unmatched, %d skipped)",
@@ -109,6 +114,18 @@ def apply(model: nn.Module, policy: PolicySource, *, seed: int | None = None) ->
         len(report.skipped),
     )
     return report
+
+
+def _write_error(item: PlannedTensor, written: int, error: Exception) -> ApplyError:
+    # NOTE: the plan checks every argument it can against each tensor, so this
+    # is reached only when a scheme fails in a way the plan cannot predict
+    # (for example, user code in a module's reset_parameters()).
+    rule = item.match.rule
+    return ApplyError(
+        f"{rule.label(item.match.rule_index)} failed on {item.entry.name!r}: "
+        f"{type(error).__name__}: {error}; {written} tensor(s) were written before "
+        "it, so the model is partly initialized"
+    )
 
 
 def _handle_unmatched(plan: Plan) -> None:
@@ -141,19 +158,28 @@ def _fill(item: PlannedTensor, seed: int | None) -> str:
 
 
 def _zero_padding_row(item: PlannedTensor) -> str:
-    """Zero an embedding's padding row after a random scheme, as torch does."""
+    """Zero an embedding's padding row after a random scheme, as torch does.
+
+    Any owner of a tied tensor counts, so a head tied to an embedding with a
+    ``padding_idx`` keeps the zero row whichever name comes first.
+    """
     entry = item.entry
-    module = entry.module
-    if not (
-        item.scheme.random
-        and item.match.rule.zero_padding_idx
-        and entry.info.local_name == "weight"
-        and isinstance(module, (nn.Embedding, nn.EmbeddingBag))
-        and module.padding_idx is not None
-    ):
+    if not (item.scheme.random and item.match.rule.zero_padding_idx):
         return ""
-    entry.tensor[module.padding_idx].zero_()
-    return f"padding row {module.padding_idx} zeroed"
+    owners = zip(
+        [entry.module, *entry.alias_modules],
+        [entry.info, *entry.alias_infos],
+        strict=True,
+    )
+    for module, info in owners:
+        if (
+            info.local_name == "weight"
+            and isinstance(module, (nn.Embedding, nn.EmbeddingBag))
+            and module.padding_idx is not None
+        ):
+            entry.tensor[module.padding_idx].zero_()
+            return f"padding row {module.padding_idx} zeroed"
+    return ""
 
 
 def _row(item: PlannedTensor, note: str) -> Row:
@@ -188,10 +214,9 @@ def _statistics(
     if tensor.numel() == 0 or tensor.dtype == torch.bool or tensor.is_complex():
         return None, None, None, None
     values = tensor.detach()
-    if not values.is_floating_point() or values.dtype in (
-        torch.float16,
-        torch.bfloat16,
-    ):
+    # Integer and narrow float dtypes (float16, bfloat16, float8) have no or
+    # imprecise reduction kernels, so their statistics are taken in float32.
+    if not values.is_floating_point() or values.dtype.itemsize < 4:
         values = values.float()
     if values.numel() == 1:
         value = float(values.reshape(()))

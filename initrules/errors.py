@@ -4,10 +4,12 @@ Every exception derives from :class:`InitRulesError`::
 
     InitRulesError
     ├── PolicyError            a policy file or text is invalid (has a position)
-    └── PlanError              a rule cannot apply to a tensor of the model
-        └── UnmatchedTensorsError   parameters that no rule matched
+    ├── PlanError              a rule cannot apply to a tensor of the model
+    │   └── UnmatchedTensorsError   parameters that no rule matched
+    └── ApplyError             a scheme failed while writing
 
-Nothing is written to a model when any of these is raised by ``apply``.
+Nothing is written to a model when ``apply`` raises a PolicyError or a
+PlanError; an ApplyError says how many tensors were written before it.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 __all__ = [
+    "ApplyError",
     "InitRulesError",
     "InitRulesWarning",
     "PlanError",
@@ -88,6 +91,10 @@ class PolicyError(InitRulesError):
 
 class PlanError(InitRulesError):
     """A rule cannot apply to a tensor, or the model cannot be planned at all."""
+
+
+class ApplyError(InitRulesError):
+    """A scheme failed while writing; the tensors before it were written."""
 
 
 class UnmatchedTensorsError(PlanError):

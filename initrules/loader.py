@@ -9,6 +9,7 @@ every key and value is recorded, so that a Pydantic error location such as
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -109,8 +110,67 @@ class _Positions:
         return SourceLocation(self.source, mark.line + 1, mark.column + 1)
 
 
+_INT_TAG = "tag:yaml.org,2002:int"
+_FLOAT_TAG = "tag:yaml.org,2002:float"
+_BOOL_TAG = "tag:yaml.org,2002:bool"
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+_PLAIN_TAGS = ("tag:yaml.org,2002:map", "tag:yaml.org,2002:seq")
+
+# Aliases let a short document expand to a huge tree; beyond this many
+# nodes after expansion the policy is rejected before validation.
+MAX_EXPANDED_NODES = 100_000
+
+
 class _NodeReader(yaml.SafeLoader):
-    """Safe loader that composes nodes; conversion is done by ``_to_python``."""
+    """Safe loader with YAML 1.2 scalars; conversion is done by ``_Converter``.
+
+    PyYAML resolves scalars by YAML 1.1, where ``2e-2`` is a string, ``010``
+    is octal 8, ``1:30`` is 90 and ``on`` is True. YAML 1.2 (and JSON) read
+    these as a float, decimal 10, and two strings, which is what policy
+    authors expect.
+    """
+
+    yaml_implicit_resolvers = {
+        first: [
+            (tag, pattern)
+            for tag, pattern in resolvers
+            if tag not in (_INT_TAG, _FLOAT_TAG, _BOOL_TAG)
+        ]
+        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+    }
+
+
+def _construct_int(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int:
+    text = str(loader.construct_scalar(node)).replace("_", "")
+    sign = -1 if text.startswith("-") else 1
+    digits = text.lstrip("+-")
+    if digits[:2] in ("0x", "0X"):
+        return sign * int(digits[2:], 16)
+    if digits[:2] in ("0o", "0O"):
+        return sign * int(digits[2:], 8)
+    return sign * int(digits, 10)
+
+
+_NodeReader.add_implicit_resolver(
+    _BOOL_TAG, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+_NodeReader.add_implicit_resolver(
+    _INT_TAG,
+    re.compile(r"^(?:[-+]?[0-9][0-9_]*|0[oO][0-7_]+|0[xX][0-9a-fA-F_]+)$"),
+    list("-+0123456789"),
+)
+_NodeReader.add_implicit_resolver(
+    _FLOAT_TAG,
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*\.[0-9_]*|\.[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)?
+        |[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.VERBOSE,
+    ),
+    list("-+0123456789."),
+)
+_NodeReader.add_constructor(_INT_TAG, _construct_int)
 
 
 def _compose(text: str, source: str) -> tuple[Any, _Positions]:
@@ -121,10 +181,12 @@ def _compose(text: str, source: str) -> tuple[Any, _Positions]:
         node = loader.get_single_node()
         if node is None:
             return None, positions
-        return _to_python(loader, node, (), positions), positions
+        return _Converter(loader, positions).convert(node, ()), positions
     except yaml.MarkedYAMLError as error:
         mark = error.problem_mark or error.context_mark
         reason = f"invalid YAML: {error.problem or error.context}"
+        if error.problem and error.context:
+            reason += f" ({error.context})"
         if mark is None:
             raise PolicyError(reason, path=source) from None
         raise PolicyError(
@@ -153,47 +215,107 @@ def _line_column(text: str, offset: int) -> tuple[int, int]:
     return line, offset - (before.rfind("\n") + 1) + 1
 
 
-_PLAIN_TAGS = ("tag:yaml.org,2002:map", "tag:yaml.org,2002:seq")
+class _Converter:
+    """Convert composed YAML nodes to Python values, recording positions.
 
+    A node reached again through an alias is converted once and shared, and
+    the size of the expanded tree is bounded by ``MAX_EXPANDED_NODES``.
+    """
 
-def _to_python(
-    loader: yaml.SafeLoader, node: yaml.Node, loc: Loc, positions: _Positions
-) -> Any:
-    positions.values[loc] = node.start_mark
-    if (
-        isinstance(node, (yaml.MappingNode, yaml.SequenceNode))
-        and node.tag not in _PLAIN_TAGS
-    ):
-        raise yaml.MarkedYAMLError(
-            problem=f"the tag {node.tag!r} is not allowed in a policy",
-            problem_mark=node.start_mark,
-        )
-    if isinstance(node, yaml.MappingNode):
-        loader.flatten_mapping(node)
+    def __init__(self, loader: yaml.SafeLoader, positions: _Positions) -> None:
+        self.loader = loader
+        self.positions = positions
+        self.converted: dict[int, Any] = {}
+        self.sizes: dict[int, int] = {}
+
+    def convert(self, node: yaml.Node, loc: Loc) -> Any:
+        self.positions.values.setdefault(loc, node.start_mark)
+        if id(node) in self.converted:
+            return self.converted[id(node)]
+        if isinstance(node, yaml.MappingNode):
+            self._check_tag(node)
+            value: Any = self._mapping(node, loc)
+        elif isinstance(node, yaml.SequenceNode):
+            self._check_tag(node)
+            value = [
+                self.convert(item, (*loc, index))
+                for index, item in enumerate(node.value)
+            ]
+        else:
+            value = self.loader.construct_object(node, deep=True)
+        self.converted[id(node)] = value
+        if self._size(node) > MAX_EXPANDED_NODES:
+            raise yaml.MarkedYAMLError(
+                problem=f"the document expands to more than {MAX_EXPANDED_NODES:,} "
+                "nodes through aliases",
+                problem_mark=node.start_mark,
+            )
+        return value
+
+    def _size(self, node: yaml.Node) -> int:
+        size = self.sizes.get(id(node))
+        if size is None:
+            children: list[yaml.Node] = []
+            if isinstance(node, yaml.MappingNode):
+                children = [child for pair in node.value for child in pair]
+            elif isinstance(node, yaml.SequenceNode):
+                children = list(node.value)
+            size = 1 + sum(self.sizes.get(id(child), 1) for child in children)
+            self.sizes[id(node)] = size
+        return size
+
+    @staticmethod
+    def _check_tag(node: yaml.Node) -> None:
+        if node.tag not in _PLAIN_TAGS:
+            raise yaml.MarkedYAMLError(
+                problem=f"the tag {node.tag!r} is not allowed in a policy",
+                problem_mark=node.start_mark,
+            )
+
+    def _mapping(self, node: yaml.MappingNode, loc: Loc) -> dict[Any, Any]:
+        merged: dict[Any, Any] = {}
         result: dict[Any, Any] = {}
+        explicit: dict[Any, yaml.Mark] = {}
         for key_node, value_node in node.value:
-            key = loader.construct_object(key_node, deep=True)
-            if not isinstance(key, (str, int, float, bool)) and key is not None:
-                raise yaml.MarkedYAMLError(
-                    problem="a mapping key must be a plain value",
-                    problem_mark=key_node.start_mark,
-                )
-            if key in result:
-                first_line = positions.keys[(*loc, key)].line + 1
+            if key_node.tag == _MERGE_TAG:
+                self._merge(merged, value_node, loc)
+                continue
+            key = self._key(key_node)
+            if key in explicit:
                 raise yaml.MarkedYAMLError(
                     problem=f"duplicate key {key!r} (first defined on line "
-                    f"{first_line})",
+                    f"{explicit[key].line + 1})",
                     problem_mark=key_node.start_mark,
                 )
-            positions.keys[(*loc, key)] = key_node.start_mark
-            result[key] = _to_python(loader, value_node, (*loc, key), positions)
-        return result
-    if isinstance(node, yaml.SequenceNode):
-        return [
-            _to_python(loader, item, (*loc, index), positions)
-            for index, item in enumerate(node.value)
-        ]
-    return loader.construct_object(node, deep=True)
+            explicit[key] = key_node.start_mark
+            self.positions.keys[(*loc, key)] = key_node.start_mark
+            result[key] = self.convert(value_node, (*loc, key))
+        # Explicit keys win over merged ones, wherever the '<<' key stands.
+        return {**merged, **result}
+
+    def _merge(self, result: dict[Any, Any], value_node: yaml.Node, loc: Loc) -> None:
+        """Apply a ``<<`` merge: explicit keys win, then earlier merged mappings."""
+        if isinstance(value_node, yaml.SequenceNode):
+            sources = list(value_node.value)
+        else:
+            sources = [value_node]
+        for source in reversed(sources):
+            if not isinstance(source, yaml.MappingNode):
+                raise yaml.MarkedYAMLError(
+                    problem="a merge key '<<' needs a mapping or a list of mappings",
+                    problem_mark=source.start_mark,
+                )
+            merged = self.convert(source, loc)
+            result.update(merged)
+
+    def _key(self, key_node: yaml.Node) -> Any:
+        key = self.loader.construct_object(key_node, deep=True)
+        if not isinstance(key, (str, int, float, bool)) and key is not None:
+            raise yaml.MarkedYAMLError(
+                problem="a mapping key must be a plain value",
+                problem_mark=key_node.start_mark,
+            )
+        return key
 
 
 def _yaml_type(value: Any) -> str:

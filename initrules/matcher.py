@@ -163,6 +163,28 @@ class _CompiledRule:
             return self._regex_captures(info.name)
         return {}
 
+    def failed_predicates(self, info: TensorInfo) -> list[tuple[str, str]]:
+        """Return each predicate that fails on ``info``, with the tensor's value."""
+        failed: list[tuple[str, str]] = []
+        if info.kind != self.kind:
+            failed.append(("kind", info.kind))
+        if self.ndim is not None and info.ndim not in self.ndim:
+            failed.append(("ndim", str(info.ndim)))
+        if self.dtype is not None and info.dtype not in self.dtype:
+            failed.append(("dtype", info.dtype))
+        if self.param is not None and not self._param_matches(info.local_name):
+            failed.append(("param", info.local_name))
+        if self.module is not None and not self.module(info.module_class):
+            failed.append(("module", info.module_class.__name__))
+        if self.within is not None and not any(map(self.within, info.ancestor_classes)):
+            ancestors = ", ".join(cls.__name__ for cls in info.ancestor_classes)
+            failed.append(("within", ancestors or "no ancestors"))
+        if self.name is not None and not self.name.fullmatch(info.name):
+            failed.append(("name", info.name))
+        if self.regex is not None and self._regex_captures(info.name) is None:
+            failed.append(("regex", info.name))
+        return failed
+
     def _param_matches(self, local_name: str) -> bool:
         hit = self.param_cache.get(local_name)
         if hit is None:
@@ -231,3 +253,16 @@ class Matcher:
                 )
             return MatchResult(compiled.index, compiled.rule, captures, also)
         return None
+
+    def near_misses(self, info: TensorInfo) -> list[tuple[int, str, str]]:
+        """Return the rules that fail on exactly one predicate for ``info``.
+
+        Each item is ``(rule_index, predicate, the tensor's value for it)``;
+        ``explain`` shows them for tensors that no rule matched.
+        """
+        misses: list[tuple[int, str, str]] = []
+        for compiled in self._rules:
+            failed = compiled.failed_predicates(info)
+            if len(failed) == 1:
+                misses.append((compiled.index, *failed[0]))
+        return misses

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.nn.parameter import UninitializedBuffer, UninitializedParameter
 
 from initrules.errors import PlanError
 from initrules.matcher import Matcher, MatchResult, TensorInfo
@@ -22,6 +23,7 @@ from initrules.schemes import Scheme, get_scheme
 
 __all__ = [
     "Plan",
+    "PlanProblem",
     "PlannedTensor",
     "SkippedTensor",
     "TensorEntry",
@@ -51,12 +53,16 @@ class TensorEntry:
         tensor: The tensor itself (a Parameter or a buffer).
         module: The module that owns it.
         aliases: Other canonical names of the same tensor (tied weights).
+        alias_infos: What the matcher would see under each alias.
+        alias_modules: The module that owns the tensor under each alias.
     """
 
     info: TensorInfo
     tensor: torch.Tensor
     module: nn.Module
     aliases: list[str] = field(default_factory=list)
+    alias_infos: list[TensorInfo] = field(default_factory=list)
+    alias_modules: list[nn.Module] = field(default_factory=list)
 
     @property
     def name(self) -> str:
@@ -79,6 +85,24 @@ class SkippedTensor:
 
     entry: TensorEntry
     reason: str
+    match: MatchResult | None = None
+
+
+@dataclass
+class PlanProblem:
+    """A tensor whose winning rule's scheme cannot fill it.
+
+    Attributes:
+        entry: The tensor.
+        match: Its winning rule.
+        reason: Why the scheme cannot fill it.
+        message: The full message: rule, tensor, shape, dtype, reason, fix.
+    """
+
+    entry: TensorEntry
+    match: MatchResult
+    reason: str
+    message: str
 
 
 @dataclass
@@ -91,6 +115,8 @@ class Plan:
         unmatched: Parameters that no rule matched.
         skipped: Matched tensors that will not be written (zero elements).
         untouched_buffers: Canonical names of buffers no rule targets.
+        problems: Tensors whose scheme cannot fill them; empty unless the
+            plan was made with ``raise_problems=False``.
     """
 
     policy: Policy
@@ -98,6 +124,7 @@ class Plan:
     unmatched: list[TensorEntry]
     skipped: list[SkippedTensor]
     untouched_buffers: list[str]
+    problems: list[PlanProblem] = field(default_factory=list)
 
 
 def is_wrapper_segment(parent: nn.Module, child_name: str) -> bool:
@@ -108,19 +135,27 @@ def is_wrapper_segment(parent: nn.Module, child_name: str) -> bool:
 
 
 def _walk_modules(
-    module: nn.Module, prefix: tuple[str, ...], ancestors: tuple[type, ...]
+    module: nn.Module,
+    prefix: tuple[str, ...],
+    ancestors: tuple[type, ...],
+    path: frozenset[int] = frozenset(),
 ) -> Iterator[tuple[tuple[str, ...], nn.Module, tuple[type, ...]]]:
     yield prefix, module, ancestors
     inner_ancestors = (*ancestors, type(module))
+    inner_path = path | {id(module)}
     for child_name, child in module._modules.items():
-        if child is None:
+        # A child that is its own ancestor would make the walk endless; its
+        # tensors were already reached through that ancestor.
+        if child is None or id(child) in inner_path:
             continue
         if is_wrapper_segment(module, child_name):
             # The wrapper is not part of the architecture: its child takes
             # its place, with the same prefix and the same ancestors.
-            yield from _walk_modules(child, prefix, ancestors)
+            yield from _walk_modules(child, prefix, ancestors, inner_path)
         else:
-            yield from _walk_modules(child, (*prefix, child_name), inner_ancestors)
+            yield from _walk_modules(
+                child, (*prefix, child_name), inner_ancestors, inner_path
+            )
 
 
 def walk_tensors(model: nn.Module) -> tuple[list[TensorEntry], list[TensorEntry]]:
@@ -129,7 +164,10 @@ def walk_tensors(model: nn.Module) -> tuple[list[TensorEntry], list[TensorEntry]
     A tensor reachable under several names appears once, under its first
     name; the other names are listed as its aliases.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     seen: dict[int, TensorEntry] = {}
+    lazy: list[str] = []
     parameters: list[TensorEntry] = []
     buffers: list[TensorEntry] = []
     for prefix, module, ancestors in _walk_modules(model, (), ()):
@@ -141,10 +179,8 @@ def walk_tensors(model: nn.Module) -> tuple[list[TensorEntry], list[TensorEntry]
             if tensor is None:
                 continue
             name = ".".join((*prefix, local_name))
-            existing = seen.get(id(tensor))
-            if existing is not None:
-                if name != existing.name and name not in existing.aliases:
-                    existing.aliases.append(name)
+            if isinstance(tensor, (UninitializedParameter, UninitializedBuffer)):
+                lazy.append(name)
                 continue
             info = TensorInfo(
                 name=name,
@@ -155,19 +191,43 @@ def walk_tensors(model: nn.Module) -> tuple[list[TensorEntry], list[TensorEntry]
                 dtype=str(tensor.dtype).removeprefix("torch."),
                 kind=kind,
             )
+            existing = seen.get(id(tensor))
+            if existing is not None:
+                if name != existing.name and name not in existing.aliases:
+                    existing.aliases.append(name)
+                    existing.alias_infos.append(info)
+                    existing.alias_modules.append(module)
+                continue
             entry = TensorEntry(info, tensor, module)
             seen[id(tensor)] = entry
             (parameters if kind == "parameter" else buffers).append(entry)
+    if lazy:
+        raise PlanError(
+            f"{len(lazy)} tensor(s) of lazy modules are not materialized yet "
+            f"(first: {lazy[0]!r}); run one forward pass with example inputs "
+            "before initializing"
+        )
     return parameters, buffers
 
 
-def make_plan(model: nn.Module, policy: Policy, *, all_matches: bool = False) -> Plan:
+def make_plan(
+    model: nn.Module,
+    policy: Policy,
+    *,
+    all_matches: bool = False,
+    allow_meta: bool = False,
+    raise_problems: bool = True,
+) -> Plan:
     """Resolve the winning rule of every tensor and check every scheme.
 
     Args:
-        model: The model to plan for; its tensors must not be on the meta device.
+        model: The model to plan for.
         policy: A validated policy.
         all_matches: Record later matching rules in each match result.
+        allow_meta: Accept tensors on the meta device (for linting a model
+            built without memory); the plan then cannot be applied.
+        raise_problems: Raise on tensors a scheme cannot fill; when False,
+            list them in ``Plan.problems`` instead.
 
     Raises:
         PlanError: The model is on the meta device, or some scheme cannot
@@ -175,14 +235,15 @@ def make_plan(model: nn.Module, policy: Policy, *, all_matches: bool = False) ->
         PolicyError: A rule's regex timed out.
     """
     parameters, buffers = walk_tensors(model)
-    _reject_meta(parameters + buffers)
+    if not allow_meta:
+        _reject_meta(parameters + buffers)
     matcher = Matcher(policy)
 
     planned: list[PlannedTensor] = []
     unmatched: list[TensorEntry] = []
     skipped: list[SkippedTensor] = []
     untouched: list[str] = []
-    problems: list[str] = []
+    problems: list[PlanProblem] = []
     for entry in parameters + buffers:
         result = matcher.match(entry.info, all_matches=all_matches)
         if result is None:
@@ -192,12 +253,12 @@ def make_plan(model: nn.Module, policy: Policy, *, all_matches: bool = False) ->
                 untouched.append(entry.name)
             continue
         scheme = get_scheme(result.rule.init.scheme)
-        if entry.tensor.numel() == 0 and scheme.writes:
-            skipped.append(SkippedTensor(entry, "zero elements"))
-            continue
         problem = _check(entry, result, scheme)
         if problem is not None:
             problems.append(problem)
+            continue
+        if entry.tensor.numel() == 0 and scheme.writes:
+            skipped.append(SkippedTensor(entry, "zero elements", result))
             continue
         planned.append(PlannedTensor(entry, result, scheme))
         logger.debug(
@@ -207,9 +268,9 @@ def make_plan(model: nn.Module, policy: Policy, *, all_matches: bool = False) ->
             scheme.name,
         )
 
-    if problems:
-        _raise_problems(problems)
-    return Plan(policy, planned, unmatched, skipped, untouched)
+    if problems and raise_problems:
+        _raise_problems([problem.message for problem in problems])
+    return Plan(policy, planned, unmatched, skipped, untouched, problems)
 
 
 def _reject_meta(entries: list[TensorEntry]) -> None:
@@ -222,7 +283,9 @@ def _reject_meta(entries: list[TensorEntry]) -> None:
         )
 
 
-def _check(entry: TensorEntry, result: MatchResult, scheme: Scheme) -> str | None:
+def _check(
+    entry: TensorEntry, result: MatchResult, scheme: Scheme
+) -> PlanProblem | None:
     tensor = entry.tensor
     reason = scheme.check(tuple(tensor.shape), tensor.dtype, result.rule.init.args)
     hint = (
@@ -239,10 +302,11 @@ def _check(entry: TensorEntry, result: MatchResult, scheme: Scheme) -> str | Non
     if reason is None:
         return None
     dtype = str(tensor.dtype).removeprefix("torch.")
-    return (
+    message = (
         f"{result.rule.label(result.rule_index)} cannot initialize "
         f"{entry.name!r} (shape {tuple(tensor.shape)}, {dtype}): {reason}; {hint}"
     )
+    return PlanProblem(entry, result, reason, message)
 
 
 def _has_reset(module: nn.Module) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -114,11 +115,19 @@ class Report:
         }
 
     def to_dict(self) -> dict[str, Any]:
-        """Return the report as JSON-serializable data."""
+        """Return the report as JSON-serializable data.
+
+        Non-finite statistics (a kept tensor holding NaN) become the strings
+        ``"nan"``, ``"inf"`` and ``"-inf"``, since strict JSON has no such numbers.
+        """
         data = asdict(self)
         for row in data["rows"]:
             row["shape"] = list(row["shape"])
             row["aliases"] = list(row["aliases"])
+            for key in ("mean", "std", "min", "max"):
+                value = row[key]
+                if value is not None and not math.isfinite(value):
+                    row[key] = str(value)
         data["summary"] = self.summary
         return data
 

@@ -10,7 +10,6 @@ tensor is decided by the planner.
 from __future__ import annotations
 
 import inspect
-import re
 from typing import Any, Literal
 
 import regex
@@ -47,10 +46,6 @@ DTypeName = Literal[
     "bool",
 ]
 
-# A class name (`Linear`), a qualified name (`torch.nn.Linear`) or a glob on
-# the class name (`Conv*d`, `*Norm`).
-_MODULE_SPEC = re.compile(r"[A-Za-z_*?\[\]!\-][\w*?\[\]!\-]*(\.[A-Za-z_]\w*)*")
-
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
@@ -62,6 +57,26 @@ def _as_list(value: Any) -> Any:
         if isinstance(value, (str, int)) and not isinstance(value, bool)
         else value
     )
+
+
+def _check_module_spec(spec: str) -> None:
+    """Accept a class name, a qualified name, or a glob on the class name."""
+    if "." in spec and any(char in spec for char in "*?[]{},"):
+        raise ValueError(
+            f"invalid module class {spec!r}: globs apply to the class name only, "
+            "not to a qualified name such as torch.nn.Linear"
+        )
+    if "." in spec:
+        if not all(part.isidentifier() for part in spec.split(".")):
+            raise ValueError(
+                f"invalid module class {spec!r}: expected a qualified name made "
+                "of identifiers, such as torch.nn.Linear"
+            )
+        return
+    try:
+        compile_glob(spec)
+    except GlobError as error:
+        raise ValueError(f"invalid module class {spec!r}: {error}") from None
 
 
 class Match(_Strict):
@@ -119,21 +134,7 @@ class Match(_Strict):
     @classmethod
     def _module_specs(cls, value: list[str] | None) -> list[str] | None:
         for spec in value or []:
-            if not _MODULE_SPEC.fullmatch(spec):
-                raise ValueError(
-                    f"invalid module class {spec!r}: expected a class name "
-                    "(Linear), a qualified name (torch.nn.Linear) or a glob on "
-                    "the class name (Conv*d)"
-                )
-            if "." in spec and any(char in spec for char in "*?[]!"):
-                raise ValueError(
-                    f"invalid module class {spec!r}: globs apply to the class "
-                    "name only, not to a qualified name"
-                )
-            try:
-                compile_glob(spec if "." not in spec else spec.replace(".", "\\."))
-            except GlobError as error:
-                raise ValueError(f"invalid module class {spec!r}: {error}") from None
+            _check_module_spec(spec)
         return value
 
     @field_validator("ndim")
@@ -144,10 +145,24 @@ class Match(_Strict):
                 raise ValueError(f"invalid ndim {ndim}: expected 0 to 64")
         return value
 
+    @field_validator("param")
+    @classmethod
+    def _local_name(cls, value: str | None) -> str | None:
+        if value is not None and "." in value.replace("\\.", ""):
+            raise ValueError(
+                f"invalid param {value!r}: param is the tensor's local name "
+                "(weight, bias), which has no dots; use 'name' for dotted names"
+            )
+        return value
+
     @model_validator(mode="after")
-    def _name_or_regex(self) -> Match:
+    def _consistent(self) -> Match:
         if self.name is not None and self.regex is not None:
             raise ValueError("give either 'name' (a glob) or 'regex', not both")
+        if self.exact and not self.module:
+            raise ValueError(
+                "'exact' applies to 'module'; add 'module' or drop 'exact'"
+            )
         return self
 
 
@@ -239,6 +254,7 @@ class Rule(_Strict):
         init: The scheme and its arguments.
         zero_padding_idx: After a random scheme on an embedding with a
             ``padding_idx``, set that row to zero (as ``nn.Embedding`` does).
+        lint_ignore: Lint codes silenced on this rule, each with the reason.
     """
 
     model_config = ConfigDict(
@@ -249,6 +265,7 @@ class Rule(_Strict):
     match: Match
     init: InitSpec
     zero_padding_idx: bool = True
+    lint_ignore: dict[str, str | None] = {}
 
     _location: SourceLocation | None = PrivateAttr(default=None)
 
@@ -280,6 +297,7 @@ class Policy(_Strict):
         on_unmatched: What to do with parameters that no rule matches:
             ``error`` (raise before writing), ``warn`` or ``keep``.
         rules: Rules in priority order: the first whose predicates hold wins.
+        lint_ignore: Lint codes silenced for the whole file, each with the reason.
     """
 
     version: Literal[1] = 1
@@ -287,6 +305,7 @@ class Policy(_Strict):
     description: str | None = None
     on_unmatched: Literal["error", "warn", "keep"] = "error"
     rules: list[Rule]
+    lint_ignore: dict[str, str | None] = {}
 
     _path: str = PrivateAttr(default="<text>")
 

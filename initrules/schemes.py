@@ -44,8 +44,9 @@ Nonlinearity = Literal[
     "selu",
 ]
 
-# Random draws for these dtypes are made in float32 and rounded once.
-_LOW_PRECISION = (torch.float16, torch.bfloat16)
+# Normal draws are treated as reaching this many standard deviations when
+# checking that a tensor's dtype can hold them (P(|z| > 6) is about 2e-9).
+_NORMAL_REACH = 6.0
 
 # Standard deviation of a standard normal truncated to [-2, 2], which JAX's
 # variance_scaling divides by so that the truncated draw keeps its variance.
@@ -79,6 +80,7 @@ class FillContext:
 
 FillFn = Callable[[torch.Tensor, SchemeArgs, FillContext], None]
 ArgsCheck = Callable[[tuple[int, ...], torch.dtype, "SchemeArgs"], "str | None"]
+MaxAbs = Callable[[tuple[int, ...], "SchemeArgs"], float]
 
 
 @dataclass(frozen=True)
@@ -97,6 +99,9 @@ class Scheme:
         writes: False for schemes that leave the tensor as it is (``keep``).
         check_args: Returns why the arguments cannot fill a tensor of this
             shape and dtype, or ``None``; run at plan time.
+        max_abs: Returns the largest magnitude the scheme writes for a shape
+            (for normal draws, six standard deviations past the mean), so that
+            values the dtype cannot hold are rejected before writing.
     """
 
     name: str
@@ -108,6 +113,7 @@ class Scheme:
     needs_module_reset: bool = False
     writes: bool = True
     check_args: ArgsCheck | None = None
+    max_abs: MaxAbs | None = None
 
     def check(
         self, shape: tuple[int, ...], dtype: torch.dtype, args: SchemeArgs | None = None
@@ -117,13 +123,32 @@ class Scheme:
         if ndim < self.min_ndim or (self.max_ndim is not None and ndim > self.max_ndim):
             return f"{self.name} needs {self._ndim_text()}, got {ndim}-D"
         needs_float = self.random or self.name in ("eye", "dirac")
-        if needs_float and not (dtype.is_floating_point or dtype.is_complex):
+        if needs_float and not dtype.is_floating_point:
             return (
-                f"{self.name} needs a floating-point tensor, got {_dtype_name(dtype)}"
+                f"{self.name} needs a real floating-point tensor, got "
+                f"{_dtype_name(dtype)}"
             )
-        if self.check_args is not None and args is not None:
-            return self.check_args(shape, dtype, args)
-        return None
+        if args is None:
+            return None
+        if self.check_args is not None:
+            reason = self.check_args(shape, dtype, args)
+            if reason is not None:
+                return reason
+        return self._check_range(shape, dtype, args)
+
+    def _check_range(
+        self, shape: tuple[int, ...], dtype: torch.dtype, args: SchemeArgs
+    ) -> str | None:
+        if self.max_abs is None or not dtype.is_floating_point:
+            return None
+        reach = self.max_abs(shape, args)
+        limit = torch.finfo(dtype).max
+        if math.isfinite(reach) and reach <= limit:
+            return None
+        return (
+            f"{self.name} with these arguments writes values up to about {reach:.3g}, "
+            f"beyond the largest {_dtype_name(dtype)} value ({limit:.3g})"
+        )
 
     def _ndim_text(self) -> str:
         if self.max_ndim == self.min_ndim:
@@ -177,10 +202,11 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 
 def _in_float32(fill: FillFn) -> FillFn:
-    """Run ``fill`` on a float32 copy for half-precision tensors, rounding once."""
+    """Run ``fill`` on a float32 copy for dtypes narrower than float32."""
 
     def wrapped(tensor: torch.Tensor, args: SchemeArgs, ctx: FillContext) -> None:
-        if tensor.dtype not in _LOW_PRECISION:
+        # float16, bfloat16 and the float8 types: draw in float32, round once.
+        if tensor.dtype.itemsize >= 4:
             fill(tensor, args, ctx)
             return
         scratch = torch.empty(tensor.shape, dtype=torch.float32, device=tensor.device)
@@ -221,7 +247,7 @@ class TruncNormalArgs(SchemeArgs):
     """Arguments of ``trunc_normal``; ``a`` and ``b`` are absolute bounds."""
 
     mean: float = 0.0
-    std: float = Field(1.0, ge=0.0)
+    std: float = Field(1.0, gt=0.0)
     a: float = -2.0
     b: float = 2.0
 
@@ -422,6 +448,12 @@ def _fill_default(tensor: torch.Tensor, args: SchemeArgs, ctx: FillContext) -> N
             reset()
     for value, saved in others:
         value.copy_(saved)
+    replaced = getattr(module, ctx.local_name)
+    if replaced is not tensor:
+        # reset_parameters() assigned a new tensor; keep the original object
+        # (optimizers and tied modules hold it) and give it the new values.
+        tensor.copy_(replaced)
+        setattr(module, ctx.local_name, tensor)
 
 
 @contextlib.contextmanager
@@ -452,6 +484,11 @@ def _check_constant(
 ) -> str | None:
     assert isinstance(args, ConstantArgs)
     if dtype.is_floating_point or dtype.is_complex:
+        limit = torch.finfo(dtype).max
+        if abs(args.val) > limit:
+            return (
+                f"constant {args.val} is beyond the largest {_dtype_name(dtype)} value"
+            )
         return None
     if dtype == torch.bool:
         if args.val not in (0.0, 1.0):
@@ -463,15 +500,79 @@ def _check_constant(
     return None
 
 
+def _gain(args: KaimingArgs) -> float:
+    return nn.init.calculate_gain(args.nonlinearity, args.a)
+
+
+def _max_abs_uniform(shape: tuple[int, ...], args: SchemeArgs) -> float:
+    assert isinstance(args, UniformArgs)
+    # torch draws b - a and scales it, so the span must be finite too.
+    return max(abs(args.a), abs(args.b), args.b - args.a)
+
+
+def _max_abs_normal(shape: tuple[int, ...], args: SchemeArgs) -> float:
+    assert isinstance(args, NormalArgs | SparseArgs)
+    mean = args.mean if isinstance(args, NormalArgs) else 0.0
+    return abs(mean) + _NORMAL_REACH * args.std
+
+
+def _max_abs_trunc_normal(shape: tuple[int, ...], args: SchemeArgs) -> float:
+    assert isinstance(args, TruncNormalArgs)
+    return max(abs(args.a), abs(args.b), abs(args.mean) + _NORMAL_REACH * args.std)
+
+
+def _max_abs_xavier(shape: tuple[int, ...], args: SchemeArgs) -> float:
+    assert isinstance(args, GainArgs)
+    fan_in, fan_out = compute_fans(shape)
+    std = abs(args.gain) * math.sqrt(2.0 / max(1, fan_in + fan_out))
+    return _NORMAL_REACH * std
+
+
+def _max_abs_kaiming(shape: tuple[int, ...], args: SchemeArgs) -> float:
+    assert isinstance(args, KaimingArgs)
+    fan_in, fan_out = compute_fans(shape)
+    fan = fan_in if args.mode == "fan_in" else fan_out
+    return _NORMAL_REACH * abs(_gain(args)) / math.sqrt(max(1, fan))
+
+
+def _max_abs_orthogonal(shape: tuple[int, ...], args: SchemeArgs) -> float:
+    assert isinstance(args, GainArgs)
+    return abs(args.gain)
+
+
+def _max_abs_variance_scaling(shape: tuple[int, ...], args: SchemeArgs) -> float:
+    assert isinstance(args, VarianceScalingArgs)
+    fan_in, fan_out = compute_fans(shape)
+    fans = {"fan_in": fan_in, "fan_out": fan_out, "fan_avg": (fan_in + fan_out) / 2}
+    return _NORMAL_REACH * math.sqrt(args.scale / max(1.0, fans[args.mode]))
+
+
+def _max_abs_lecun_normal(shape: tuple[int, ...], args: SchemeArgs) -> float:
+    return _max_abs_variance_scaling(shape, _LECUN)
+
+
 def _register_builtins() -> None:
     builtins = [
-        Scheme("uniform", UniformArgs, _in_float32(_fill_uniform), random=True),
-        Scheme("normal", NormalArgs, _in_float32(_fill_normal), random=True),
+        Scheme(
+            "uniform",
+            UniformArgs,
+            _in_float32(_fill_uniform),
+            random=True,
+            max_abs=_max_abs_uniform,
+        ),
+        Scheme(
+            "normal",
+            NormalArgs,
+            _in_float32(_fill_normal),
+            random=True,
+            max_abs=_max_abs_normal,
+        ),
         Scheme(
             "trunc_normal",
             TruncNormalArgs,
             _in_float32(_fill_trunc_normal),
             random=True,
+            max_abs=_max_abs_trunc_normal,
         ),
         Scheme(
             "constant",
@@ -498,6 +599,7 @@ def _register_builtins() -> None:
             _in_float32(_fill_xavier_uniform),
             random=True,
             min_ndim=2,
+            max_abs=_max_abs_xavier,
         ),
         Scheme(
             "xavier_normal",
@@ -505,6 +607,7 @@ def _register_builtins() -> None:
             _in_float32(_fill_xavier_normal),
             random=True,
             min_ndim=2,
+            max_abs=_max_abs_xavier,
         ),
         Scheme(
             "kaiming_uniform",
@@ -512,6 +615,7 @@ def _register_builtins() -> None:
             _in_float32(_fill_kaiming_uniform),
             random=True,
             min_ndim=2,
+            max_abs=_max_abs_kaiming,
         ),
         Scheme(
             "kaiming_normal",
@@ -519,6 +623,7 @@ def _register_builtins() -> None:
             _in_float32(_fill_kaiming_normal),
             random=True,
             min_ndim=2,
+            max_abs=_max_abs_kaiming,
         ),
         Scheme(
             "orthogonal",
@@ -526,6 +631,7 @@ def _register_builtins() -> None:
             _in_float32(_fill_orthogonal),
             random=True,
             min_ndim=2,
+            max_abs=_max_abs_orthogonal,
         ),
         Scheme(
             "sparse",
@@ -534,6 +640,7 @@ def _register_builtins() -> None:
             random=True,
             min_ndim=2,
             max_ndim=2,
+            max_abs=_max_abs_normal,
         ),
         Scheme(
             "variance_scaling",
@@ -541,6 +648,7 @@ def _register_builtins() -> None:
             _in_float32(_fill_variance_scaling),
             random=True,
             min_ndim=2,
+            max_abs=_max_abs_variance_scaling,
         ),
         Scheme(
             "lecun_normal",
@@ -548,6 +656,7 @@ def _register_builtins() -> None:
             _in_float32(_fill_lecun_normal),
             random=True,
             min_ndim=2,
+            max_abs=_max_abs_lecun_normal,
         ),
         Scheme("keep", NoArgs, _fill_keep, random=False, writes=False),
         Scheme("default", NoArgs, _fill_default, random=True, needs_module_reset=True),

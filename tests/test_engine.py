@@ -529,7 +529,7 @@ PLAN_ERRORS = {
             init: normal
         """,
         "rule 2 at <text>:4:5 cannot initialize 'steps' (shape (4,), int64): "
-        "normal needs a floating-point tensor, got int64; " + FIX_HINT,
+        "normal needs a real floating-point tensor, got int64; " + FIX_HINT,
     ),
     "default-without-reset-parameters": (
         lambda: nn.Sequential(nn.Linear(4, 4), Scale()),
@@ -929,3 +929,174 @@ def test_report_summary_counts(report: initrules.Report) -> None:
         "skipped": 1,
         "untouched_buffers": 3,
     }
+
+
+# --- inputs the plan must reject before writing --------------------------------
+
+
+class Raising(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(2, 2))
+
+    def reset_parameters(self) -> None:
+        raise RuntimeError("broken reset")
+
+
+def holder(tensor: torch.Tensor) -> nn.Module:
+    module = nn.Module()
+    module.weight = nn.Parameter(tensor)
+    return module
+
+
+REJECTED = {
+    "uniform-beyond-float16": (
+        lambda: nn.Linear(4, 4, bias=False).half(),
+        "rules:\n  - match: {}\n    init: {scheme: uniform, a: -1.0e+5, b: 1.0e+5}\n",
+        "rule 1 at <text>:2:5 cannot initialize 'weight' (shape (4, 4), float16): "
+        "uniform with these arguments writes values up to about 2e+05, beyond the "
+        "largest float16 value (6.55e+04); " + FIX_HINT,
+    ),
+    "normal-beyond-float16": (
+        lambda: nn.Linear(4, 4).half(),
+        "rules:\n  - match: {}\n    init: {scheme: normal, std: 1.0e+6}\n",
+        "2 tensors cannot be initialized:\n"
+        "  rule 1 at <text>:2:5 cannot initialize 'weight' (shape (4, 4), float16): "
+        "normal with these arguments writes values up to about 6e+06, beyond the "
+        "largest float16 value (6.55e+04); " + FIX_HINT + "\n"
+        "  rule 1 at <text>:2:5 cannot initialize 'bias' (shape (4,), float16): "
+        "normal with these arguments writes values up to about 6e+06, beyond the "
+        "largest float16 value (6.55e+04); " + FIX_HINT,
+    ),
+    "normal-on-complex": (
+        lambda: holder(torch.zeros(4, 4, dtype=torch.complex64)),
+        "rules:\n  - match: {}\n    init: normal\n",
+        "rule 1 at <text>:2:5 cannot initialize 'weight' (shape (4, 4), complex64): "
+        "normal needs a real floating-point tensor, got complex64; " + FIX_HINT,
+    ),
+    "xavier-on-empty-bias": (
+        lambda: holder(torch.empty(0)),
+        "rules:\n  - match: {}\n    init: xavier_uniform\n",
+        "rule 1 at <text>:2:5 cannot initialize 'weight' (shape (0,), float32): "
+        "xavier_uniform needs a tensor with at least 2 dimensions, got 1-D; "
+        + FIX_HINT,
+    ),
+    "lazy-module": (
+        lambda: nn.Sequential(nn.LazyLinear(4)),
+        "rules:\n  - match: {}\n    init: zeros\n",
+        "2 tensor(s) of lazy modules are not materialized yet (first: '0.weight'); "
+        "run one forward pass with example inputs before initializing",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(REJECTED), ids=list(REJECTED))
+def test_rejected_before_writing(case: str) -> None:
+    build, text, message = REJECTED[case]
+    model = build()
+    before = snapshot(model) if case != "lazy-module" else {}
+    with pytest.raises(initrules.PlanError) as excinfo:
+        initrules.apply(model, initrules.load_policy(text=text), seed=0)
+    assert str(excinfo.value) == message
+    assert changed_tensors(model, before) == []
+
+
+def test_float8_draws_in_float32() -> None:
+    model = nn.Linear(64, 64, bias=False).to(torch.float8_e4m3fn)
+    reference = nn.Linear(64, 64, bias=False)
+    policy = load("rules:\n  - match: {}\n    init: {scheme: normal, std: 0.5}\n")
+    initrules.apply(model, policy, seed=3)
+    initrules.apply(reference, policy, seed=3)
+    expected = reference.weight.to(torch.float8_e4m3fn)
+    assert torch.equal(model.weight.view(torch.uint8), expected.view(torch.uint8))
+
+
+def test_write_failure_raises_apply_error() -> None:
+    model = nn.Sequential(nn.Linear(2, 2), Raising())
+    policy = load(
+        """\
+        rules:
+          - match: {module: Linear}
+            init: zeros
+          - name: reset
+            match: {module: Raising}
+            init: default
+        """
+    )
+    with pytest.raises(initrules.ApplyError) as excinfo:
+        initrules.apply(model, policy, seed=0)
+    assert str(excinfo.value) == (
+        "rule 2 'reset' at <text>:4:5 failed on '1.weight': RuntimeError: broken "
+        "reset; 2 tensor(s) were written before it, so the model is partly initialized"
+    )
+
+
+@pytest.mark.parametrize("seed", [7.0, "7", True], ids=["float", "str", "bool"])
+def test_seed_must_be_int(seed: object) -> None:
+    with pytest.raises(TypeError, match="seed must be an int or None"):
+        initrules.apply(mlp(), load(MLP_POLICY), seed=seed)  # type: ignore[arg-type]
+
+
+def test_non_module_is_type_error() -> None:
+    with pytest.raises(TypeError, match=r"model must be a torch\.nn\.Module, got"):
+        initrules.apply(mlp().state_dict(), load(MLP_POLICY))  # type: ignore[arg-type]
+
+
+def test_module_cycle_is_walked_once() -> None:
+    outer = nn.Sequential(nn.Linear(2, 2))
+    inner = nn.Sequential(nn.Linear(2, 2))
+    outer.add_module("inner", inner)
+    inner.add_module("back", outer)
+    report = initrules.apply(outer, load(MLP_POLICY), seed=0)
+    assert [row.name for row in report.rows] == [
+        "0.weight",
+        "0.bias",
+        "inner.0.weight",
+        "inner.0.bias",
+    ]
+
+
+class TiedHead(nn.Module):
+    # The head comes first in module order, so the tied tensor's first name
+    # belongs to a Linear, not to the embedding with padding_idx.
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = nn.Linear(8, 10, bias=False)
+        self.embed = nn.Embedding(10, 8, padding_idx=0)
+        self.head.weight = self.embed.weight
+
+
+def test_padding_row_zeroed_through_tied_name() -> None:
+    model = TiedHead()
+    report = initrules.apply(
+        model, load("rules:\n  - match: {}\n    init: normal\n"), seed=0
+    )
+    assert report.row("head.weight").note == "padding row 0 zeroed"
+    assert torch.count_nonzero(model.embed.weight[0]) == 0
+
+
+class Replacing(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(3))
+
+    def reset_parameters(self) -> None:
+        self.weight = nn.Parameter(torch.full((3,), 5.0))
+
+
+def test_default_keeps_parameter_identity() -> None:
+    model = Replacing()
+    original = model.weight
+    report = initrules.apply(model, load("rules:\n  - match: {}\n    init: default\n"))
+    assert model.weight is original
+    assert torch.equal(model.weight, torch.full((3,), 5.0))
+    assert report.row("weight").max == 5.0
+
+
+def test_report_dict_is_strict_json() -> None:
+    model = nn.Linear(2, 2)
+    with torch.no_grad():
+        model.weight.fill_(float("nan"))
+    report = initrules.apply(model, load("rules:\n  - match: {}\n    init: keep\n"))
+    text = json.dumps(report.to_dict(), allow_nan=False)
+    assert '"mean": "nan"' in text

@@ -74,8 +74,8 @@ BAD_TEXT = [
     (
         "unknown-top-level-key",
         "rule:\n  - match: {}\n    init: zeros\n",
-        "1:1: unknown key 'rule' in the policy; valid keys: description, name, "
-        "on_unmatched, rules, version (and 1 more error)",
+        "1:1: unknown key 'rule' in the policy; valid keys: description, "
+        "lint_ignore, name, on_unmatched, rules, version (and 1 more error)",
     ),
     (
         "duplicate-key",
@@ -133,6 +133,36 @@ BAD_TEXT = [
         "3:11: 'init' of rule 1: a (1.0) must not be greater than b (0.0)",
     ),
     (
+        "two-documents",
+        "rules: []\n---\nrules: []\n",
+        "2:1: invalid YAML: but found another document (expected a single document "
+        "in the stream)",
+    ),
+    (
+        "alias-expansion",
+        "a0: &a0 [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]\n"
+        + "".join(
+            f"a{level}: &a{level} [{', '.join([f'*a{level - 1}'] * 10)}]\n"
+            for level in range(1, 7)
+        )
+        + "rules: []\n",
+        "5:5: invalid YAML: the document expands to more than 100,000 nodes through "
+        "aliases",
+    ),
+    (
+        "exact-without-module",
+        "rules:\n  - match: {exact: true}\n    init: zeros\n",
+        "2:12: 'match' of rule 1: 'exact' applies to 'module'; add 'module' or drop "
+        "'exact'",
+    ),
+    (
+        "param-with-dot",
+        "rules:\n  - match: {param: attn.weight}\n    init: zeros\n",
+        "2:20: 'match.param' of rule 1: invalid param 'attn.weight': param is the "
+        "tensor's local name (weight, bias), which has no dots; use 'name' for "
+        "dotted names",
+    ),
+    (
         "missing-init",
         "rules:\n  - match: {param: weight}\n",
         "2:5: missing required key 'init' in rule 1",
@@ -155,7 +185,8 @@ BAD_TEXT = [
     (
         "broken-yaml",
         "rules: [\n  {match: {param: weight}\n",
-        "3:1: invalid YAML: expected ',' or '}', but got '<stream end>'",
+        "3:1: invalid YAML: expected ',' or '}', but got '<stream end>' (while "
+        "parsing a flow mapping)",
     ),
     (
         "python-tag",
@@ -266,3 +297,48 @@ def test_bad_policy_leaves_model_untouched(tmp_path: Path, text: str) -> None:
     after = model.state_dict()
     for name, value in before.items():
         assert torch.equal(after[name], value), f"{name} changed"
+
+
+def test_merge_keys_override() -> None:
+    policy = load_policy(
+        text=(
+            "rules:\n"
+            "  - match: {param: weight}\n"
+            "    init: &base {scheme: normal, std: 0.02}\n"
+            "  - match: {param: bias}\n"
+            "    init: {<<: *base, std: 0.0}\n"
+            "  - match: {param: gain}\n"
+            "    init: {<<: [*base, {std: 0.9, mean: 1.0}]}\n"
+        )
+    )
+    args = [rule.init.args.model_dump() for rule in policy.rules]
+    assert args[0] == {"mean": 0.0, "std": 0.02}
+    assert args[1] == {"mean": 0.0, "std": 0.0}
+    assert args[2] == {"mean": 1.0, "std": 0.02}
+
+
+# YAML 1.2 scalars: what a policy author writes is what the policy gets.
+NUMBERS = [
+    ("2e-2", 0.02),
+    ("1.0e3", 1000.0),
+    ("-1.5E+1", -15.0),
+    (".5", 0.5),
+    ("1_000", 1000),
+    ("010", 10),
+    ("0x10", 16),
+    ("0o17", 15),
+]
+
+
+@pytest.mark.parametrize(("text", "value"), NUMBERS, ids=[text for text, _ in NUMBERS])
+def test_yaml_numbers(text: str, value: float) -> None:
+    policy = load_policy(
+        text=f"rules:\n  - match: {{}}\n    init: {{scheme: constant, val: {text}}}\n"
+    )
+    assert policy.rules[0].init.args.model_dump() == {"val": value}
+
+
+@pytest.mark.parametrize("text", ["on", "off", "yes", "no", "1:30"])
+def test_yaml_words_stay_strings(text: str) -> None:
+    policy = load_policy(text=f"name: {text}\nrules: []\n")
+    assert policy.name == text
