@@ -20,8 +20,15 @@ POLICY = Path(__file__).resolve().parents[1] / "policies" / "gpt2.yaml"
 
 
 def main() -> None:
+    # GPT-2's special tokens default to id 50256; keep them inside the vocabulary.
     config = GPT2Config(
-        n_layer=12, n_embd=128, n_head=4, vocab_size=2048, n_positions=256
+        n_layer=12,
+        n_embd=128,
+        n_head=4,
+        vocab_size=2048,
+        n_positions=256,
+        bos_token_id=2047,
+        eos_token_id=2047,
     )
     model = GPT2LMHeadModel(config)
     report = initrules.apply(model, POLICY, seed=0)

@@ -54,7 +54,10 @@ def load_policy(
         try:
             text = Path(source).read_text(encoding="utf-8")
         except FileNotFoundError:
-            raise PolicyError("policy file not found", path=source) from None
+            hint = ""
+            if "\n" in source or "rules:" in source:
+                hint = "; to load YAML text, use load_policy(text=...)"
+            raise PolicyError(f"policy file not found{hint}", path=source) from None
         except (OSError, UnicodeDecodeError) as error:
             raise PolicyError(
                 f"cannot read policy file: {error}", path=source

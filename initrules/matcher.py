@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 import sys
 from collections.abc import Mapping
@@ -15,6 +16,8 @@ from initrules.globs import compile_glob
 from initrules.schema import Match, Policy, Rule
 
 __all__ = ["REGEX_TIMEOUT_S", "MatchResult", "Matcher", "TensorInfo"]
+
+logger = logging.getLogger(__name__)
 
 # A rule's regex gets this many seconds per tensor name before it is treated
 # as runaway (catastrophic backtracking) and rejected.
@@ -87,6 +90,13 @@ class _ClassPredicate:
     def __init__(self, specs: list[str], exact: bool) -> None:
         self.globs = [compile_glob(spec) for spec in specs if "." not in spec]
         self.qualified = [spec for spec in specs if "." in spec]
+        for spec in self.qualified:
+            if not isinstance(_resolve_imported(spec), type):
+                logger.warning(
+                    "module class %r is not a class of any imported module, so no "
+                    "module can match it; check the path or use the bare class name",
+                    spec,
+                )
         self.exact = exact
         self.cache: dict[type, bool] = {}
 

@@ -1,6 +1,7 @@
 from pathlib import Path
 
 import pytest
+import torch
 
 import initrules
 from initrules import PolicyError, load_policy
@@ -342,3 +343,12 @@ def test_yaml_numbers(text: str, value: float) -> None:
 def test_yaml_words_stay_strings(text: str) -> None:
     policy = load_policy(text=f"name: {text}\nrules: []\n")
     assert policy.name == text
+
+
+def test_yaml_text_given_as_path_gets_hint() -> None:
+    text = "rules:\n  - match: {}\n    init: zeros\n"
+    with pytest.raises(PolicyError) as excinfo:
+        initrules.apply(torch.nn.Linear(2, 2), text)
+    assert str(excinfo.value) == (
+        f"{text}: policy file not found; to load YAML text, use load_policy(text=...)"
+    )

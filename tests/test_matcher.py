@@ -163,3 +163,13 @@ def test_module_test_is_cached_per_class() -> None:
     predicate = matcher._rules[0].module
     assert predicate is not None
     assert predicate.cache == {nn.Linear: True, MyLinear: True}
+
+
+def test_unresolved_qualified_class_is_logged(caplog: pytest.LogCaptureFixture) -> None:
+    policy = load_policy(text="rules: [{match: {module: nn.Linear}, init: zeros}]")
+    with caplog.at_level("WARNING", logger="initrules.matcher"):
+        Matcher(policy)
+    assert caplog.messages == [
+        "module class 'nn.Linear' is not a class of any imported module, so no "
+        "module can match it; check the path or use the bare class name"
+    ]
