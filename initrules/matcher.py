@@ -213,7 +213,8 @@ class _CompiledRule:
                 f"the regex {self.regex.pattern!r} of "
                 f"{self.rule.label(self.index, with_location=False)} timed out after "
                 f"{REGEX_TIMEOUT_S} s on the tensor name {_shorten(name)}; "
-                "simplify it (avoid nested quantifiers such as '(a+)+')",
+                "simplify it (avoid repeats whose branches overlap, such as "
+                "'(a|aa)+' or '(a+)+')",
             ) from None
         if found is None:
             return None

@@ -96,13 +96,20 @@ class PlanProblem:
         entry: The tensor.
         match: Its winning rule.
         reason: Why the scheme cannot fill it.
-        message: The full message: rule, tensor, shape, dtype, reason, fix.
+        detail: The message after the rule's label: tensor, shape, dtype,
+            reason and fix.
     """
 
     entry: TensorEntry
     match: MatchResult
     reason: str
-    message: str
+    detail: str
+
+    @property
+    def message(self) -> str:
+        """The full message, starting with the rule and its position."""
+        rule = self.match.rule
+        return f"{rule.label(self.match.rule_index)} {self.detail}"
 
 
 @dataclass
@@ -302,11 +309,11 @@ def _check(
     if reason is None:
         return None
     dtype = str(tensor.dtype).removeprefix("torch.")
-    message = (
-        f"{result.rule.label(result.rule_index)} cannot initialize "
-        f"{entry.name!r} (shape {tuple(tensor.shape)}, {dtype}): {reason}; {hint}"
+    detail = (
+        f"cannot initialize {entry.name!r} (shape {tuple(tensor.shape)}, {dtype}): "
+        f"{reason}; {hint}"
     )
-    return PlanProblem(entry, result, reason, message)
+    return PlanProblem(entry, result, reason, detail)
 
 
 def _has_reset(module: nn.Module) -> bool:

@@ -1,0 +1,511 @@
+"""Lint policies: findings with stable codes and positions, with or without a model.
+
+File findings need only the policy: invalid YAML or schema, rules that can
+never win, duplicate rules, arguments that are accepted but mislead. Model
+findings plan the policy against a model (which may live on the meta device,
+so no memory is spent on weights): unmatched tensors, dead and shadowed
+rules, schemes that cannot fill the tensors they win, tied tensors whose
+names disagree. Every code is documented in ``docs/rules.md``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Literal
+
+import regex
+import torch
+from torch import nn
+
+from initrules.errors import PolicyError, SourceLocation
+from initrules.loader import load_policy
+from initrules.matcher import Matcher
+from initrules.planner import Plan, make_plan
+from initrules.schema import Match, Policy, Rule
+from initrules.schemes import KaimingArgs, TruncNormalArgs
+
+__all__ = ["CODES", "Finding", "LintCode", "lint_path", "lint_policy", "sort_findings"]
+
+Severity = Literal["error", "warning"]
+
+
+@dataclass(frozen=True)
+class LintCode:
+    """A lint code: its stable identifier, kebab-case name and severity."""
+
+    code: str
+    name: str
+    severity: Severity
+    summary: str
+
+
+_ALL_CODES = [
+    LintCode("IR001", "invalid-policy", "error", "The file is not a valid policy."),
+    LintCode(
+        "IR002",
+        "suppression-without-reason",
+        "error",
+        "A lint_ignore entry gives no reason.",
+    ),
+    LintCode(
+        "IR003",
+        "unknown-lint-code",
+        "error",
+        "A lint_ignore entry names no known code.",
+    ),
+    LintCode(
+        "IR101", "unreachable-rule", "error", "A rule comes after a catch-all rule."
+    ),
+    LintCode(
+        "IR102", "duplicate-match", "error", "Two rules have identical predicates."
+    ),
+    LintCode(
+        "IR103", "regex-matches-empty", "warning", "A regex matches the empty name."
+    ),
+    LintCode(
+        "IR104",
+        "kaiming-a-ignored",
+        "warning",
+        "Kaiming's `a` is set but the nonlinearity is not leaky_relu.",
+    ),
+    LintCode(
+        "IR105",
+        "trunc-normal-bounds",
+        "warning",
+        "trunc_normal bounds cut most of the distribution, or none of it.",
+    ),
+    LintCode(
+        "IR106",
+        "unknown-module-class",
+        "error",
+        "A qualified module class cannot be imported.",
+    ),
+    LintCode("IR201", "unmatched-tensor", "error", "A parameter matches no rule."),
+    LintCode("IR202", "dead-rule", "warning", "A rule matches no tensor of the model."),
+    LintCode(
+        "IR203",
+        "shadowed-rule",
+        "warning",
+        "Every tensor a rule matches is won by earlier rules.",
+    ),
+    LintCode(
+        "IR204",
+        "scheme-cannot-apply",
+        "error",
+        "A rule's scheme cannot fill a tensor the rule wins.",
+    ),
+    LintCode(
+        "IR205",
+        "tied-rule-conflict",
+        "warning",
+        "The names of a tied tensor would win different rules.",
+    ),
+]
+CODES: dict[str, LintCode] = {code.code: code for code in _ALL_CODES}
+
+# trunc_normal bounds closer to the mean than this many standard deviations
+# cut most of the distribution away.
+_TRUNCATION_TOO_TIGHT = 1.0
+# Bounds farther than this many standard deviations cut (almost) nothing:
+# the probability of a draw beyond 6 std is about 2e-9.
+_TRUNCATION_TOO_LOOSE = 6.0
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One lint finding; :func:`sort_findings` orders them by file, line, column, code.
+
+    Attributes:
+        path: The policy file.
+        line: 1-based line.
+        column: 1-based column.
+        code: The stable code (``IR101``).
+        message: What is wrong and how to fix it.
+        rule_index: 0-based index of the rule it concerns, if any.
+    """
+
+    path: str
+    line: int
+    column: int
+    code: str
+    message: str
+    rule_index: int | None = None
+
+    @property
+    def sort_key(self) -> tuple[str, int, int, str]:
+        """The stable order of findings: file, line, column, code."""
+        return (self.path, self.line, self.column, self.code)
+
+    @property
+    def name(self) -> str:
+        """The kebab-case name of the code."""
+        return CODES[self.code].name
+
+    @property
+    def severity(self) -> Severity:
+        """``error`` or ``warning``."""
+        return CODES[self.code].severity
+
+    def __str__(self) -> str:
+        return f"{self.path}:{self.line}:{self.column}: {self.code} {self.message}"
+
+
+def lint_path(
+    path: str | os.PathLike[str], *, model: nn.Module | None = None
+) -> list[Finding]:
+    """Lint one policy file, and check it against ``model`` when given.
+
+    Returns:
+        Findings in a stable order (file, line, column, code), suppressions
+        already applied.
+
+    Raises:
+        PolicyError: Only when the file cannot be read (a missing file, bad
+            encoding); invalid content becomes an ``IR001`` finding.
+    """
+    source = os.fspath(path)
+    try:
+        policy = load_policy(source)
+    except PolicyError as error:
+        if error.line is None:
+            raise
+        return [Finding(source, error.line, error.column or 1, "IR001", error.reason)]
+    return lint_policy(policy, model=model)
+
+
+def lint_policy(policy: Policy, *, model: nn.Module | None = None) -> list[Finding]:
+    """Lint a loaded policy, and check it against ``model`` when given.
+
+    The model may be on the meta device. Findings come sorted, with
+    ``lint_ignore`` suppressions applied.
+    """
+    findings = _file_findings(policy)
+    if model is not None:
+        findings += _model_findings(policy, model)
+    return sort_findings(_apply_suppressions(policy, findings))
+
+
+def sort_findings(findings: Iterable[Finding]) -> list[Finding]:
+    """Sort by file, line, column and code; ties keep their order (module order)."""
+    return sorted(findings, key=lambda finding: finding.sort_key)
+
+
+# --- file findings -----------------------------------------------------------
+
+
+def _position(policy: Policy, index: int | None) -> SourceLocation:
+    if index is not None:
+        location = policy.rules[index].location
+        if location is not None:
+            return location
+    return SourceLocation(policy.path, 1, 1)
+
+
+def _finding(policy: Policy, index: int | None, code: str, message: str) -> Finding:
+    where = _position(policy, index)
+    return Finding(where.path, where.line, where.column, code, message, index)
+
+
+def _is_catch_all(match: Match) -> bool:
+    predicates = match.model_dump(exclude={"kind", "exact"}, exclude_none=True)
+    return not predicates or predicates == {"name": "**"}
+
+
+def _file_findings(policy: Policy) -> list[Finding]:
+    findings: list[Finding] = []
+    catch_all: dict[str, int] = {}
+    seen: dict[str, int] = {}
+    for index, rule in enumerate(policy.rules):
+        label = rule.label(index, with_location=False)
+        kind = rule.match.kind
+        if kind in catch_all:
+            earlier = policy.rules[catch_all[kind]]
+            findings.append(
+                _finding(
+                    policy,
+                    index,
+                    "IR101",
+                    f"{label} can never win: "
+                    f"{earlier.label(catch_all[kind])} matches every {kind} first; "
+                    "move this rule above it or delete it",
+                )
+            )
+        elif _is_catch_all(rule.match):
+            catch_all[kind] = index
+        key = rule.match.model_dump_json()
+        if key in seen:
+            findings.append(
+                _finding(
+                    policy,
+                    index,
+                    "IR102",
+                    f"{label} has the same match as "
+                    f"{policy.rules[seen[key]].label(seen[key])}, so it never wins; "
+                    "delete it or change its predicates",
+                )
+            )
+        else:
+            seen[key] = index
+        findings += _rule_findings(policy, index, rule)
+    return findings
+
+
+def _rule_findings(policy: Policy, index: int, rule: Rule) -> list[Finding]:
+    findings: list[Finding] = []
+    label = rule.label(index, with_location=False)
+    pattern = rule.match.regex
+    if pattern is not None and regex.fullmatch(pattern, "", timeout=1.0) is not None:
+        findings.append(
+            _finding(
+                policy,
+                index,
+                "IR103",
+                f"the regex {pattern!r} of {label} matches the empty name; "
+                "use '+' instead of '*' where a segment must be present",
+            )
+        )
+    args = rule.init.args
+    if (
+        isinstance(args, KaimingArgs)
+        and args.a != 0
+        and args.nonlinearity != "leaky_relu"
+    ):
+        findings.append(
+            _finding(
+                policy,
+                index,
+                "IR104",
+                f"{label} sets a={args.a} but nonlinearity={args.nonlinearity!r}, "
+                "which ignores it; use nonlinearity: leaky_relu or drop 'a'",
+            )
+        )
+    if isinstance(args, TruncNormalArgs) and args.std > 0:
+        findings += _truncation_findings(policy, index, label, args)
+    for spec in [*(rule.match.module or []), *(rule.match.within or [])]:
+        if "." in spec and _import_class(spec) is None:
+            findings.append(
+                _finding(
+                    policy,
+                    index,
+                    "IR106",
+                    f"{label} names the class {spec!r}, which cannot be imported; "
+                    "check the module path, or use the bare class name",
+                )
+            )
+    return findings
+
+
+def _truncation_findings(
+    policy: Policy, index: int, label: str, args: TruncNormalArgs
+) -> list[Finding]:
+    nearest = min(args.b - args.mean, args.mean - args.a) / args.std
+    farthest = max(args.b - args.mean, args.mean - args.a) / args.std
+    if nearest < _TRUNCATION_TOO_TIGHT:
+        detail = f"a bound lies {nearest:.3g} std from the mean, cutting most draws"
+    elif farthest > _TRUNCATION_TOO_LOOSE and nearest > _TRUNCATION_TOO_LOOSE:
+        detail = (
+            f"the bounds lie {nearest:.3g} std or more from the mean, so nothing "
+            "is truncated"
+        )
+    else:
+        return []
+    suggestion = f"a: {args.mean - 2 * args.std:.6g}, b: {args.mean + 2 * args.std:.6g}"
+    return [
+        _finding(
+            policy,
+            index,
+            "IR105",
+            f"{label} uses trunc_normal with std={args.std}, a={args.a}, b={args.b}: "
+            f"{detail}; a and b are absolute values, not multiples of std (for two "
+            f"std, write {suggestion})",
+        )
+    ]
+
+
+def _import_class(qualified: str) -> object | None:
+    """Import ``pkg.module.Class`` (lint may import; ``apply`` never does)."""
+    parts = qualified.split(".")
+    for split in range(len(parts) - 1, 0, -1):
+        try:
+            value: object = importlib.import_module(".".join(parts[:split]))
+        except ImportError:
+            continue
+        for attribute in parts[split:]:
+            value = getattr(value, attribute, None)
+            if value is None:
+                return None
+        return value if isinstance(value, type) else None
+    return None
+
+
+# --- model findings ----------------------------------------------------------
+
+
+def _model_findings(policy: Policy, model: nn.Module) -> list[Finding]:
+    try:
+        plan = make_plan(
+            model, policy, all_matches=True, allow_meta=True, raise_problems=False
+        )
+    except PolicyError as error:
+        # A regex that timed out on one of the model's names.
+        return [
+            Finding(
+                error.path, error.line or 1, error.column or 1, "IR001", error.reason
+            )
+        ]
+    findings = [
+        _finding(
+            policy,
+            None,
+            "IR201",
+            f"parameter {entry.name!r} ({type(entry.module).__name__}, shape "
+            f"{_shape(entry.tensor.shape)}) matches no rule; add a rule for it",
+        )
+        for entry in plan.unmatched
+    ]
+    tied = _tied_findings(policy, plan)
+    # A rule that matches only the second name of a tied tensor does match a
+    # tensor, so IR205 explains it and IR202 ("matches no tensor") would not.
+    alias_rules = {finding.rule_index for finding in tied}
+    findings += [
+        finding
+        for finding in _rule_usage_findings(policy, plan)
+        if finding.code != "IR202" or finding.rule_index not in alias_rules
+    ]
+    for problem in plan.problems:
+        index = problem.match.rule_index
+        label = problem.match.rule.label(index, with_location=False)
+        findings.append(_finding(policy, index, "IR204", f"{label} {problem.detail}"))
+    findings += tied
+    return findings
+
+
+def _shape(shape: torch.Size) -> str:
+    return "x".join(map(str, shape)) or "scalar"
+
+
+def _rule_usage_findings(policy: Policy, plan: Plan) -> list[Finding]:
+    won: Counter[int] = Counter()
+    also: Counter[int] = Counter()
+    winners_of: dict[int, Counter[int]] = {}
+    matches = [item.match for item in plan.planned]
+    matches += [problem.match for problem in plan.problems]
+    matches += [item.match for item in plan.skipped if item.match is not None]
+    for match in matches:
+        won[match.rule_index] += 1
+        for later in match.also_matched:
+            also[later] += 1
+            winners_of.setdefault(later, Counter())[match.rule_index] += 1
+
+    findings: list[Finding] = []
+    for index, rule in enumerate(policy.rules):
+        if won[index]:
+            continue
+        label = rule.label(index, with_location=False)
+        if not also[index]:
+            findings.append(
+                _finding(
+                    policy,
+                    index,
+                    "IR202",
+                    f"{label} matches no tensor of the model; fix its predicates "
+                    "or delete it",
+                )
+            )
+            continue
+        winners = ", ".join(
+            f"{policy.rules[winner].label(winner, with_location=False)} "
+            f"({count} tensor{'s' if count > 1 else ''})"
+            for winner, count in sorted(winners_of[index].items())
+        )
+        findings.append(
+            _finding(
+                policy,
+                index,
+                "IR203",
+                f"{label} matches {also[index]} tensor(s), all won by earlier rules: "
+                f"{winners}; move it up, narrow the earlier rules, or delete it",
+            )
+        )
+    return findings
+
+
+def _tied_findings(policy: Policy, plan: Plan) -> list[Finding]:
+    matcher = Matcher(policy)
+    findings: list[Finding] = []
+    for item in plan.planned:
+        entry = item.entry
+        for alias in entry.alias_infos:
+            result = matcher.match(alias)
+            if result is None or result.rule_index == item.match.rule_index:
+                continue
+            winner = policy.rules[item.match.rule_index]
+            alias_rule = result.rule.label(result.rule_index, with_location=False)
+            findings.append(
+                _finding(
+                    policy,
+                    result.rule_index,
+                    "IR205",
+                    f"{alias.name!r} is tied to {entry.name!r}, which "
+                    f"{winner.label(item.match.rule_index, with_location=False)} "
+                    f"initializes; {alias_rule} "
+                    f"would win {alias.name!r} but is not used for it",
+                )
+            )
+    return findings
+
+
+# --- suppressions --------------------------------------------------------------
+
+
+def _apply_suppressions(policy: Policy, findings: list[Finding]) -> list[Finding]:
+    kept: list[Finding] = []
+    file_wide = policy.lint_ignore
+    for finding in findings:
+        if finding.code in file_wide:
+            continue
+        index = finding.rule_index
+        if index is not None and finding.code in policy.rules[index].lint_ignore:
+            continue
+        kept.append(finding)
+    kept += _suppression_findings(policy, None, file_wide)
+    for index, rule in enumerate(policy.rules):
+        kept += _suppression_findings(policy, index, rule.lint_ignore)
+    return kept
+
+
+def _suppression_findings(
+    policy: Policy, index: int | None, ignored: dict[str, str | None]
+) -> list[Finding]:
+    where = (
+        "the file"
+        if index is None
+        else policy.rules[index].label(index, with_location=False)
+    )
+    findings: list[Finding] = []
+    for code, reason in ignored.items():
+        if code not in CODES:
+            findings.append(
+                _finding(
+                    policy,
+                    index,
+                    "IR003",
+                    f"lint_ignore of {where} names {code!r}, which is not a lint "
+                    f"code; valid codes: {', '.join(CODES)}",
+                )
+            )
+        elif not (reason or "").strip():
+            findings.append(
+                _finding(
+                    policy,
+                    index,
+                    "IR002",
+                    f"lint_ignore of {where} silences {code} without a reason; "
+                    f"write why, as in 'lint_ignore: {{{code}: <reason>}}'",
+                )
+            )
+    return findings
