@@ -1,0 +1,316 @@
+"""The ``initrules`` command: lint, explain, apply and schema.
+
+Exit codes: 0 when clean, 1 when lint finds something at or above
+``--fail-on``, 2 for a usage error, a file that cannot be read, or a model
+that cannot be built.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from initrules.engine import apply
+from initrules.errors import InitRulesError, PolicyError
+from initrules.factory import build_model, parse_model_args
+from initrules.formats import FORMATS, render
+from initrules.globs import compile_glob
+from initrules.lint import CODES, Finding, lint_path, sort_findings
+from initrules.loader import load_policy
+from initrules.matcher import Matcher
+from initrules.planner import walk_tensors
+from initrules.schema import policy_json_schema
+
+__all__ = ["main"]
+
+logger = logging.getLogger(__name__)
+
+EXIT_CLEAN = 0
+EXIT_FINDINGS = 1
+EXIT_USAGE = 2
+
+# Above this many parameters, `apply` prints a line before it starts, since
+# the fill takes seconds to minutes on a CPU.
+_PROGRESS_THRESHOLD = 100_000_000
+
+
+class _UsageError(Exception):
+    """A command-line input is invalid; the message is printed as is."""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line and return its exit code."""
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return int(args.handler(args))
+    except (_UsageError, InitRulesError) as error:
+        print(f"initrules {args.command}: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except BrokenPipeError:
+        # The reader (for example `head`) closed the pipe; stop quietly.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_CLEAN
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="initrules",
+        description="Initialize and validate PyTorch weights from YAML policies.",
+    )
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="log every decision at DEBUG level"
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    lint = commands.add_parser(
+        "lint", help="check policy files, alone or against a model"
+    )
+    lint.add_argument(
+        "paths",
+        nargs="+",
+        metavar="FILE",
+        help="policy files, folders (searched for *.yaml and *.yml) or glob patterns",
+    )
+    _add_model_options(lint, required=False)
+    lint.add_argument(
+        "--format",
+        choices=sorted(FORMATS),
+        default="text",
+        help="output format (default: text, 'path:line:col: CODE message' lines)",
+    )
+    lint.add_argument(
+        "--select",
+        type=_codes,
+        metavar="CODES",
+        help="comma-separated codes or prefixes to report (default: all)",
+    )
+    lint.add_argument(
+        "--ignore",
+        type=_codes,
+        metavar="CODES",
+        default=[],
+        help="comma-separated codes or prefixes to leave out",
+    )
+    lint.add_argument(
+        "--fail-on",
+        choices=["error", "warning", "never"],
+        default="error",
+        help="lowest severity that makes the exit code 1 (default: error)",
+    )
+    lint.set_defaults(handler=_run_lint)
+
+    explain = commands.add_parser(
+        "explain", help="show which rule wins each tensor of a model, and why"
+    )
+    explain.add_argument("policy", metavar="POLICY", help="the policy file")
+    _add_model_options(explain, required=True)
+    explain.add_argument(
+        "--param",
+        metavar="GLOB",
+        help="only tensors whose canonical name matches this glob",
+    )
+    explain.set_defaults(handler=_run_explain)
+
+    apply_parser = commands.add_parser(
+        "apply", help="build a model, initialize it and print the report"
+    )
+    apply_parser.add_argument("policy", metavar="POLICY", help="the policy file")
+    _add_model_options(apply_parser, required=True)
+    apply_parser.add_argument(
+        "--seed",
+        type=int,
+        help="seed of the per-tensor generators (default: torch's global one)",
+    )
+    apply_parser.add_argument(
+        "--out",
+        type=Path,
+        metavar="FILE",
+        help="save the state dict to FILE (torch.save; loads with weights_only=True)",
+    )
+    apply_parser.set_defaults(handler=_run_apply)
+
+    schema = commands.add_parser("schema", help="print the JSON Schema of policy files")
+    schema.add_argument(
+        "--builtin-only",
+        action="store_true",
+        help="describe only the built-in schemes, as schemas/policy.schema.json does",
+    )
+    schema.set_defaults(handler=_run_schema)
+    return parser
+
+
+def _add_model_options(parser: argparse.ArgumentParser, *, required: bool) -> None:
+    parser.add_argument(
+        "--model",
+        required=required,
+        metavar="MODULE:FACTORY",
+        help=(
+            "the model: a function or class taking keyword arguments, or a "
+            "transformers model class (e.g. transformers:GPT2LMHeadModel)"
+        ),
+    )
+    parser.add_argument(
+        "--model-arg",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help=(
+            "a keyword argument of the factory, or a config field of a transformers "
+            "class; VALUE is parsed as JSON, else kept as a string (repeatable)"
+        ),
+    )
+
+
+def _codes(text: str) -> list[str]:
+    codes = [code.strip().upper() for code in text.split(",") if code.strip()]
+    if not codes:
+        raise argparse.ArgumentTypeError("expected at least one code, as in IR101")
+    for code in codes:
+        if not any(known.startswith(code) for known in CODES):
+            raise argparse.ArgumentTypeError(
+                f"unknown code {code!r}; valid codes: {', '.join(CODES)}"
+            )
+    return codes
+
+
+# --- lint ----------------------------------------------------------------------
+
+
+def _expand_paths(patterns: Sequence[str]) -> list[str]:
+    paths: list[str] = []
+    for pattern in patterns:
+        if os.path.isdir(pattern):
+            found = [
+                str(path)
+                for suffix in ("*.yaml", "*.yml")
+                for path in Path(pattern).rglob(suffix)
+            ]
+        elif glob.has_magic(pattern):
+            found = glob.glob(pattern, recursive=True)
+        else:
+            found = [pattern]
+        if not found:
+            raise _UsageError(f"no policy files match {pattern!r}")
+        paths += sorted(found)
+    return paths
+
+
+def _selected(finding: Finding, select: list[str] | None, ignore: list[str]) -> bool:
+    if select is not None and not any(finding.code.startswith(c) for c in select):
+        return False
+    return not any(finding.code.startswith(code) for code in ignore)
+
+
+def _run_lint(args: argparse.Namespace) -> int:
+    model = _model(args, device="meta") if args.model else None
+    findings: list[Finding] = []
+    for path in _expand_paths(args.paths):
+        try:
+            findings += lint_path(path, model=model)
+        except PolicyError as error:
+            raise _UsageError(str(error)) from None
+    findings = sort_findings(
+        f for f in findings if _selected(f, args.select, args.ignore)
+    )
+    print(render(findings, args.format))
+    if args.fail_on == "never":
+        return EXIT_CLEAN
+    failing = ("error",) if args.fail_on == "error" else ("error", "warning")
+    return EXIT_FINDINGS if any(f.severity in failing for f in findings) else EXIT_CLEAN
+
+
+def _model(args: argparse.Namespace, *, device: str | None) -> nn.Module:
+    # `python -m initrules` puts the working directory first on sys.path, but
+    # the console script puts its own bin folder there, so `--model
+    # my_models:build` would not find my_models.py in the working directory.
+    working_directory = os.getcwd()
+    if working_directory not in sys.path:
+        sys.path.insert(0, working_directory)
+    return build_model(args.model, parse_model_args(args.model_arg), device=device)
+
+
+# --- explain -------------------------------------------------------------------
+
+
+def _run_explain(args: argparse.Namespace) -> int:
+    policy = load_policy(args.policy)
+    model = _model(args, device="meta")
+    matcher = Matcher(policy)
+    pattern = compile_glob(args.param) if args.param else None
+    parameters, buffers = walk_tensors(model)
+    shown = 0
+    for entry in parameters + buffers:
+        info = entry.info
+        if pattern is not None and not pattern.fullmatch(info.name):
+            continue
+        shown += 1
+        shape = "x".join(map(str, entry.tensor.shape)) or "scalar"
+        print(f"{info.name} ({info.module_class.__name__}, {shape}, {info.dtype})")
+        result = matcher.match(info, all_matches=True)
+        if result is None:
+            print(
+                "  no rule matched"
+                if info.kind == "parameter"
+                else "  untouched buffer"
+            )
+            for index, predicate, value in matcher.near_misses(info):
+                label = policy.rules[index].label(index)
+                print(f"  {label} fails only on {predicate} (tensor has {value})")
+            continue
+        args_text = ", ".join(
+            f"{key}={value}"
+            for key, value in result.rule.init.args.model_dump().items()
+        )
+        print(f"  winner: {result.rule.label(result.rule_index)}")
+        print(f"    init: {result.rule.init.scheme}({args_text})")
+        for index in result.also_matched:
+            print(f"  also matched: {policy.rules[index].label(index)}")
+    if shown == 0:
+        raise _UsageError(f"no tensor of the model matches {args.param!r}")
+    return EXIT_CLEAN
+
+
+# --- apply and schema --------------------------------------------------------------
+
+
+def _run_apply(args: argparse.Namespace) -> int:
+    policy = load_policy(args.policy)
+    if args.out is not None and not args.out.parent.is_dir():
+        raise _UsageError(f"cannot write {args.out}: the folder does not exist")
+    model = _model(args, device=None)
+    count = sum(parameter.numel() for parameter in model.parameters())
+    if count > _PROGRESS_THRESHOLD:
+        print(f"initializing {count:,} parameters ...", file=sys.stderr, flush=True)
+    report = apply(model, policy, seed=args.seed)
+    print(report)
+    if args.out is not None:
+        try:
+            torch.save(model.state_dict(), args.out)
+        except OSError as error:
+            raise _UsageError(f"cannot write {args.out}: {error}") from None
+        print(f"saved the state dict to {args.out}")
+    return EXIT_CLEAN
+
+
+def _run_schema(args: argparse.Namespace) -> int:
+    # NOTE: only built-in schemes exist, so --builtin-only changes nothing yet.
+    print(json.dumps(policy_json_schema(), indent=2, sort_keys=True))
+    return EXIT_CLEAN
+
+
+if __name__ == "__main__":
+    sys.exit(main())
