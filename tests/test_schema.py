@@ -2,7 +2,9 @@ import json
 import os
 from pathlib import Path
 
+import jsonschema
 import pytest
+import yaml
 
 import initrules
 
@@ -42,11 +44,45 @@ def test_scheme_arguments_forbid_extras() -> None:
     assert set(kaiming["properties"]) == {"scheme", "a", "mode", "nonlinearity"}
 
 
-@pytest.mark.parametrize(
-    "path",
-    sorted((Path(__file__).parents[1] / "policies").glob("*.yaml")),
-    ids=lambda path: path.name,
-)
+SHIPPED = sorted((Path(__file__).parents[1] / "policies").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda path: path.name)
 def test_shipped_policies_load(path: Path) -> None:
     policy = initrules.load_policy(path)
     assert policy.rules, f"{path.name} has no rules"
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda path: path.name)
+def test_shipped_policies_point_at_schema(path: Path) -> None:
+    first_line = path.read_text(encoding="utf-8").splitlines()[0]
+    assert first_line == (
+        "# yaml-language-server: $schema=../schemas/policy.schema.json"
+    )
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda path: path.name)
+def test_schema_accepts_shipped_policies(path: Path) -> None:
+    document = yaml.safe_load(path.read_text(encoding="utf-8"))
+    jsonschema.validate(document, initrules.policy_json_schema())
+
+
+SCHEMA_REJECTS = {
+    "unknown-key": {"rules": [{"match": {"nmae": "x"}, "init": "zeros"}]},
+    "unknown-scheme": {"rules": [{"match": {}, "init": "kaiming"}]},
+    "foreign-argument": {
+        "rules": [{"match": {}, "init": {"scheme": "normal", "gain": 2}}]
+    },
+    "missing-init": {"rules": [{"match": {}}]},
+    "missing-rules": {"name": "x"},
+    "bad-on-unmatched": {"on_unmatched": "ignore", "rules": []},
+    "ndim-as-string": {"rules": [{"match": {"ndim": "2"}, "init": "zeros"}]},
+}
+
+
+@pytest.mark.parametrize(
+    "document", list(SCHEMA_REJECTS.values()), ids=list(SCHEMA_REJECTS)
+)
+def test_schema_rejects_bad_policies(document: dict[str, object]) -> None:
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(document, initrules.policy_json_schema())
