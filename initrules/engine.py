@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from initrules.errors import ApplyError, InitRulesWarning, UnmatchedTensorsError
+from initrules.expected import expected_stats
 from initrules.loader import load_policy
 from initrules.planner import Plan, PlannedTensor, make_plan
 from initrules.report import Report, Row, Skipped
@@ -187,6 +188,7 @@ def _row(item: PlannedTensor, note: str) -> Row:
     tensor = entry.tensor
     rule = item.match.rule
     mean, std, low, high = _statistics(tensor)
+    expected = expected_stats(item.scheme.name, tuple(tensor.shape), rule.init.args)
     return Row(
         name=entry.name,
         aliases=tuple(entry.aliases),
@@ -204,6 +206,8 @@ def _row(item: PlannedTensor, note: str) -> Row:
         std=std,
         min=low,
         max=high,
+        expected_mean=expected.mean if expected else None,
+        expected_std=expected.std if expected else None,
         note=note,
     )
 

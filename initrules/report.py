@@ -30,6 +30,8 @@ class Row:
         std: Standard deviation after init (0 for a single element).
         min: Smallest value after init.
         max: Largest value after init.
+        expected_mean: The mean the scheme's arguments imply, if known.
+        expected_std: The standard deviation they imply, if known.
         note: Extra detail, for example a zeroed padding row.
     """
 
@@ -49,6 +51,8 @@ class Row:
     std: float | None
     min: float | None
     max: float | None
+    expected_mean: float | None = None
+    expected_std: float | None = None
     note: str = ""
 
     @property
@@ -152,6 +156,7 @@ def _format_report(report: Report) -> str:
         "scheme",
         "mean",
         "std",
+        "expected std",
         "min",
         "max",
     )
@@ -172,6 +177,7 @@ def _format_report(report: Report) -> str:
                 scheme,
                 _format_number(row.mean),
                 _format_number(row.std),
+                _format_number(row.expected_std),
                 _format_number(row.min),
                 _format_number(row.max),
             )
