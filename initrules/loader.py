@@ -207,6 +207,13 @@ def _compose(text: str, source: str) -> tuple[Any, _Positions]:
         raise PolicyError(
             "invalid YAML: nesting is too deep", path=source, line=1, column=1
         ) from None
+    except (ValueError, OverflowError) as error:
+        # PyYAML's scanner lets these escape for escapes such as "\U80000000".
+        mark = loader.get_mark() if loader is not None else None
+        line, column = (mark.line + 1, mark.column + 1) if mark else (1, 1)
+        raise PolicyError(
+            f"invalid YAML: {error}", path=source, line=line, column=column
+        ) from None
     finally:
         if loader is not None:
             loader.dispose()

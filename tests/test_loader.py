@@ -352,3 +352,11 @@ def test_yaml_text_given_as_path_gets_hint() -> None:
     assert str(excinfo.value) == (
         f"{text}: policy file not found; to load YAML text, use load_policy(text=...)"
     )
+
+
+@pytest.mark.parametrize("escape", ["\\U800010000", "\\U100010000"])
+def test_out_of_range_escape_is_policy_error(escape: str) -> None:
+    with pytest.raises(PolicyError) as excinfo:
+        load_policy(text=f'rules: []\nname: "{escape}"\n')
+    assert excinfo.value.line == 2
+    assert str(excinfo.value).startswith("<text>:2:")
