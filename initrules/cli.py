@@ -23,7 +23,7 @@ from initrules.engine import apply
 from initrules.errors import InitRulesError, PolicyError
 from initrules.factory import build_model, parse_model_args
 from initrules.formats import FORMATS, render
-from initrules.globs import compile_glob
+from initrules.globs import GlobError, compile_glob
 from initrules.lint import CODES, Finding, lint_path, sort_findings
 from initrules.loader import load_policy
 from initrules.matcher import Matcher
@@ -55,6 +55,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
+    # Show library warnings (unmatched tensors under `warn`) as log lines, not
+    # as Python warnings with a source line.
+    logging.captureWarnings(True)
     try:
         return int(args.handler(args))
     except (_UsageError, InitRulesError) as error:
@@ -64,6 +67,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         # The reader (for example `head`) closed the pipe; stop quietly.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_CLEAN
+    except OSError as error:
+        print(f"initrules {args.command}: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -191,31 +197,50 @@ def _codes(text: str) -> list[str]:
 
 
 def _expand_paths(patterns: Sequence[str]) -> list[str]:
-    paths: list[str] = []
+    """Expand folders and globs; each file once, in the order given."""
+    paths: dict[str, str] = {}
     for pattern in patterns:
         if os.path.isdir(pattern):
             found = [
                 str(path)
                 for suffix in ("*.yaml", "*.yml")
                 for path in Path(pattern).rglob(suffix)
+                if path.is_file() and not _hidden(path.relative_to(pattern))
             ]
-        elif glob.has_magic(pattern):
-            found = glob.glob(pattern, recursive=True)
+        elif glob.has_magic(pattern) and not os.path.exists(pattern):
+            found = [
+                path
+                for path in glob.glob(pattern, recursive=True)
+                if os.path.isfile(path)
+            ]
         else:
             found = [pattern]
         if not found:
             raise _UsageError(f"no policy files match {pattern!r}")
-        paths += sorted(found)
-    return paths
+        for path in sorted(found):
+            paths.setdefault(os.path.realpath(path), path)
+    return list(paths.values())
+
+
+def _hidden(relative: Path) -> bool:
+    # Folders such as .git, .venv and .github hold YAML that is not a policy.
+    return any(part.startswith(".") for part in relative.parts)
 
 
 def _selected(finding: Finding, select: list[str] | None, ignore: list[str]) -> bool:
+    if finding.code == "IR001":
+        # A file that is not a valid policy always fails, whatever is selected.
+        return True
     if select is not None and not any(finding.code.startswith(c) for c in select):
         return False
     return not any(finding.code.startswith(code) for code in ignore)
 
 
 def _run_lint(args: argparse.Namespace) -> int:
+    if args.select and not args.model and all(c.startswith("IR2") for c in args.select):
+        raise _UsageError(
+            "the selected codes (IR2xx) need a model; add --model MODULE:FACTORY"
+        )
     model = _model(args, device="meta") if args.model else None
     findings: list[Finding] = []
     for path in _expand_paths(args.paths):
@@ -226,7 +251,9 @@ def _run_lint(args: argparse.Namespace) -> int:
     findings = sort_findings(
         f for f in findings if _selected(f, args.select, args.ignore)
     )
-    print(render(findings, args.format))
+    output = render(findings, args.format)
+    if output:
+        print(output)
     if args.fail_on == "never":
         return EXIT_CLEAN
     failing = ("error",) if args.fail_on == "error" else ("error", "warning")
@@ -250,16 +277,25 @@ def _run_explain(args: argparse.Namespace) -> int:
     policy = load_policy(args.policy)
     model = _model(args, device="meta")
     matcher = Matcher(policy)
-    pattern = compile_glob(args.param) if args.param else None
+    try:
+        pattern = compile_glob(args.param) if args.param else None
+    except GlobError as error:
+        raise _UsageError(f"invalid --param glob: {error}") from None
     parameters, buffers = walk_tensors(model)
     shown = 0
     for entry in parameters + buffers:
         info = entry.info
-        if pattern is not None and not pattern.fullmatch(info.name):
+        names = [info.name, *entry.aliases]
+        if pattern is not None and not any(map(pattern.fullmatch, names)):
             continue
         shown += 1
         shape = "x".join(map(str, entry.tensor.shape)) or "scalar"
         print(f"{info.name} ({info.module_class.__name__}, {shape}, {info.dtype})")
+        if entry.aliases:
+            print(
+                f"  tied: also named {', '.join(entry.aliases)}; the rule for "
+                f"{info.name} initializes it"
+            )
         result = matcher.match(info, all_matches=True)
         if result is None:
             print(
@@ -289,8 +325,8 @@ def _run_explain(args: argparse.Namespace) -> int:
 
 def _run_apply(args: argparse.Namespace) -> int:
     policy = load_policy(args.policy)
-    if args.out is not None and not args.out.parent.is_dir():
-        raise _UsageError(f"cannot write {args.out}: the folder does not exist")
+    if args.out is not None:
+        _check_writable(args.out)
     model = _model(args, device=None)
     count = sum(parameter.numel() for parameter in model.parameters())
     if count > _PROGRESS_THRESHOLD:
@@ -300,10 +336,19 @@ def _run_apply(args: argparse.Namespace) -> int:
     if args.out is not None:
         try:
             torch.save(model.state_dict(), args.out)
-        except OSError as error:
+        except (OSError, RuntimeError) as error:
+            # torch.save reports some file errors as RuntimeError.
             raise _UsageError(f"cannot write {args.out}: {error}") from None
         print(f"saved the state dict to {args.out}")
     return EXIT_CLEAN
+
+
+def _check_writable(path: Path) -> None:
+    """Reject an output path before the (possibly long) initialization."""
+    if not str(path) or path.is_dir():
+        raise _UsageError(f"cannot write {str(path)!r}: expected a file name")
+    if not path.parent.is_dir():
+        raise _UsageError(f"cannot write {path}: the folder does not exist")
 
 
 def _run_schema(args: argparse.Namespace) -> int:

@@ -33,10 +33,19 @@ def resolve_factory(reference: str) -> Callable[..., Any]:
             f"invalid model reference {reference!r}: expected MODULE:FACTORY, as in "
             "'transformers:GPT2LMHeadModel' or 'my_models.cnn:build'"
         )
+    if not all(part.isidentifier() for part in module_name.split(".")):
+        raise FactoryError(
+            f"invalid module name {module_name!r}: expected a dotted import path "
+            "such as my_models.cnn, not a file path"
+        )
     try:
         value: Any = importlib.import_module(module_name)
     except ImportError as error:
         raise FactoryError(f"cannot import module {module_name!r}: {error}") from None
+    except (Exception, SystemExit) as error:
+        raise FactoryError(
+            f"importing module {module_name!r} failed: {type(error).__name__}: {error}"
+        ) from None
     for attribute in attribute_path.split("."):
         if not hasattr(value, attribute):
             raise FactoryError(
@@ -81,6 +90,19 @@ def _on_device(device: str | None) -> Iterator[None]:
         yield
 
 
+def _check_config_fields(config_class: Any, arguments: dict[str, Any]) -> None:
+    """Reject keys the config class does not define; transformers keeps them."""
+    known = set(config_class().to_dict()) | set(
+        getattr(config_class, "attribute_map", {})
+    )
+    unknown = sorted(set(arguments) - known)
+    if unknown:
+        raise FactoryError(
+            f"unknown field(s) of {config_class.__name__}: {', '.join(unknown)}; "
+            "check the spelling against the config class"
+        )
+
+
 def build_model(
     reference: str, arguments: dict[str, Any], *, device: str | None = None
 ) -> nn.Module:
@@ -99,11 +121,14 @@ def build_model(
     try:
         with _on_device(device):
             if _is_transformers_model(factory):
-                config = factory.config_class(**arguments)  # type: ignore[attr-defined]
-                model = factory(config)
+                config_class = factory.config_class  # type: ignore[attr-defined]
+                _check_config_fields(config_class, arguments)
+                model = factory(config_class(**arguments))
             else:
                 model = factory(**arguments)
-    except Exception as error:
+    except FactoryError:
+        raise
+    except (Exception, SystemExit) as error:
         # Any failure of user code or of a model class's constructor is a
         # bad --model input, not a crash of initrules.
         raise FactoryError(

@@ -330,9 +330,8 @@ def test_fail_on_error_ignores_warnings(
         (["--ignore", "IR101"], ["IR104"], 0),
         (["--select", "ir1", "--ignore", "IR104"], ["IR101"], 1),
         (["--select", "IR101,IR104", "--ignore", "IR1"], [], 0),
-        (["--select", "IR2"], [], 0),
     ],
-    ids=["all", "select", "ignore", "select-prefix-ignore", "ignore-wins", "none"],
+    ids=["all", "select", "ignore", "select-prefix-ignore", "ignore-wins"],
 )
 def test_select_and_ignore(
     in_workspace: Path,
@@ -457,6 +456,37 @@ def test_formats_through_cli(
             "initrules apply: error: cannot write no/such/folder/state.pt: the folder "
             "does not exist",
         ),
+        (
+            ["apply", "clean.yaml", *TINY_MLP, "--out", "."],
+            "initrules apply: error: cannot write '.': expected a file name",
+        ),
+        (
+            ["lint", "clean.yaml", "--select", "IR2"],
+            "initrules lint: error: the selected codes (IR2xx) need a model; add "
+            "--model MODULE:FACTORY",
+        ),
+        (
+            ["explain", "explain.yaml", *TINY_MLP, "--param", "["],
+            "initrules explain: error: invalid --param glob: pattern '[' has '[' "
+            "without a closing ']'",
+        ),
+        (
+            ["lint", "clean.yaml", "--model", "../models:build"],
+            "initrules lint: error: invalid module name '../models': expected a "
+            "dotted import path such as my_models.cnn, not a file path",
+        ),
+        (
+            [
+                "lint",
+                "clean.yaml",
+                "--model",
+                "transformers:GPT2LMHeadModel",
+                "--model-arg",
+                "n_layers=2",
+            ],
+            "initrules lint: error: unknown field(s) of GPT2Config: n_layers; check "
+            "the spelling against the config class",
+        ),
     ],
     ids=[
         "missing-file",
@@ -470,6 +500,11 @@ def test_formats_through_cli(
         "apply-missing-policy",
         "factory-raises",
         "out-folder-missing",
+        "out-is-folder",
+        "model-codes-without-model",
+        "bad-param-glob",
+        "file-path-as-module",
+        "misspelled-config-field",
     ],
 )
 def test_usage_errors_exit_2(
@@ -770,3 +805,63 @@ def test_apply_saves_loadable_state_dict(runs: Runs, workspace: Path) -> None:
     initrules.apply(expected, workspace / "gpt2.yaml", seed=0)
     for name, tensor in expected.state_dict().items():
         assert torch.equal(state[name], tensor), name
+
+
+def test_select_never_hides_invalid_policy(
+    in_workspace: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (in_workspace / "broken.yaml").write_text("rules: [\n", encoding="utf-8")
+    code, out, _ = run_main(capsys, "lint", "broken.yaml", "--ignore", "IR0")
+    assert code == 1
+    assert out[0].split()[1] == "IR001"
+
+
+def test_same_file_twice_is_linted_once(
+    in_workspace: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _, once, _ = run_main(capsys, "lint", "mixed.yaml")
+    _, twice, _ = run_main(capsys, "lint", "mixed.yaml", "./mixed.yaml", "mixed.yaml")
+    assert twice == once
+
+
+def test_existing_path_with_brackets_is_not_a_glob(
+    in_workspace: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    shutil.copy(in_workspace / "clean.yaml", in_workspace / "x[1].yaml")
+    code, out, _ = run_main(capsys, "lint", "x[1].yaml")
+    assert code == 0
+    assert out == ["All checks passed."]
+
+
+def test_folder_skips_hidden_and_yaml_named_folders(
+    in_workspace: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = in_workspace / "clean_tree"
+    (root / ".hidden").mkdir(parents=True)
+    (root / ".hidden" / "broken.yaml").write_text("rules: [\n", encoding="utf-8")
+    (root / "folder.yaml").mkdir()
+    shutil.copy(in_workspace / "clean.yaml", root / "clean.yaml")
+    code, out, _ = run_main(capsys, "lint", "clean_tree")
+    assert code == 0
+    assert out == ["All checks passed."]
+
+
+def test_explain_shows_tied_names(
+    in_workspace: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (in_workspace / "tied.yaml").write_text(
+        "rules:\n  - match: {}\n    init: zeros\n", encoding="utf-8"
+    )
+    code, out, _ = run_main(
+        capsys,
+        "explain",
+        "tied.yaml",
+        "--model",
+        "tests.lint_models:tied_lm",
+        "--param",
+        "head.weight",
+    )
+    assert code == 0
+    assert out[1] == (
+        "  tied: also named head.weight; the rule for embed.weight initializes it"
+    )
