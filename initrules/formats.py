@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import urllib.parse
 from collections.abc import Callable, Sequence
-from pathlib import PurePath
+from pathlib import Path, PurePath
 from typing import Any
 
 from initrules.lint import CODES, Finding
@@ -13,7 +13,6 @@ from initrules.lint import CODES, Finding
 __all__ = ["FORMATS", "render"]
 
 _SARIF_SCHEMA = "https://json.schemastore.org/sarif-2.1.0.json"
-_RULES_DOC = "docs/rules.md"
 
 
 def _text(findings: Sequence[Finding]) -> str:
@@ -76,8 +75,11 @@ def _github(findings: Sequence[Finding]) -> str:
 
 
 def _uri(path: str) -> str:
-    """Return a path as a SARIF URI reference: forward slashes, percent-encoded."""
-    return urllib.parse.quote(PurePath(path).as_posix())
+    """Return a path as a SARIF URI: file:// when absolute, else relative."""
+    pure = PurePath(path)
+    if pure.is_absolute():
+        return Path(path).as_uri()
+    return urllib.parse.quote(pure.as_posix())
 
 
 def _sarif(findings: Sequence[Finding]) -> str:
@@ -86,7 +88,6 @@ def _sarif(findings: Sequence[Finding]) -> str:
             "id": code.code,
             "name": code.name,
             "shortDescription": {"text": code.summary},
-            "helpUri": f"{_RULES_DOC}#{code.code.lower()}-{code.name}",
             "defaultConfiguration": {"level": code.severity},
         }
         for code in CODES.values()

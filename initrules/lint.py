@@ -11,7 +11,10 @@ names disagree. Every code is documented in ``docs/rules.md``.
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import json
 import os
+import sys
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -210,33 +213,56 @@ def _finding(policy: Policy, index: int | None, code: str, message: str) -> Find
     return Finding(where.path, where.line, where.column, code, message, index)
 
 
+# Predicate values that hold for every tensor.
+_MATCH_ANY = {"name": "**", "param": "*", "regex": ".*"}
+
+
 def _is_catch_all(match: Match) -> bool:
     predicates = match.model_dump(exclude={"kind", "exact"}, exclude_none=True)
-    return not predicates or predicates == {"name": "**"}
+    return all(_MATCH_ANY.get(key) == value for key, value in predicates.items())
+
+
+def _unreachable(policy: Policy) -> dict[int, int]:
+    """Map each rule after a catch-all of its kind to that catch-all's index."""
+    catch_all: dict[str, int] = {}
+    unreachable: dict[int, int] = {}
+    for index, rule in enumerate(policy.rules):
+        kind = rule.match.kind
+        if kind in catch_all:
+            unreachable[index] = catch_all[kind]
+        elif _is_catch_all(rule.match):
+            catch_all[kind] = index
+    return unreachable
+
+
+def _match_key(match: Match) -> str:
+    # Lists are sets of alternatives, so their order does not matter.
+    dump = {
+        key: sorted(value, key=str) if isinstance(value, list) else value
+        for key, value in match.model_dump().items()
+    }
+    return json.dumps(dump, sort_keys=True)
 
 
 def _file_findings(policy: Policy) -> list[Finding]:
     findings: list[Finding] = []
-    catch_all: dict[str, int] = {}
+    unreachable = _unreachable(policy)
     seen: dict[str, int] = {}
     for index, rule in enumerate(policy.rules):
         label = rule.label(index, with_location=False)
-        kind = rule.match.kind
-        if kind in catch_all:
-            earlier = policy.rules[catch_all[kind]]
+        if index in unreachable:
+            earlier = unreachable[index]
             findings.append(
                 _finding(
                     policy,
                     index,
                     "IR101",
-                    f"{label} can never win: "
-                    f"{earlier.label(catch_all[kind])} matches every {kind} first; "
-                    "move this rule above it or delete it",
+                    f"{label} can never win: {policy.rules[earlier].label(earlier)} "
+                    f"matches every {rule.match.kind} first; move this rule above "
+                    "it or delete it",
                 )
             )
-        elif _is_catch_all(rule.match):
-            catch_all[kind] = index
-        key = rule.match.model_dump_json()
+        key = _match_key(rule.match)
         if key in seen:
             findings.append(
                 _finding(
@@ -258,7 +284,12 @@ def _rule_findings(policy: Policy, index: int, rule: Rule) -> list[Finding]:
     findings: list[Finding] = []
     label = rule.label(index, with_location=False)
     pattern = rule.match.regex
-    if pattern is not None and regex.fullmatch(pattern, "", timeout=1.0) is not None:
+    matches_empty = (
+        pattern is not None
+        and pattern != _MATCH_ANY["regex"]
+        and regex.fullmatch(pattern, "", timeout=1.0) is not None
+    )
+    if matches_empty:
         findings.append(
             _finding(
                 policy,
@@ -286,14 +317,15 @@ def _rule_findings(policy: Policy, index: int, rule: Rule) -> list[Finding]:
     if isinstance(args, TruncNormalArgs) and args.std > 0:
         findings += _truncation_findings(policy, index, label, args)
     for spec in [*(rule.match.module or []), *(rule.match.within or [])]:
-        if "." in spec and _import_class(spec) is None:
+        problem = _class_problem(spec) if "." in spec else None
+        if problem is not None:
             findings.append(
                 _finding(
                     policy,
                     index,
                     "IR106",
-                    f"{label} names the class {spec!r}, which cannot be imported; "
-                    "check the module path, or use the bare class name",
+                    f"{label} names the class {spec!r}, which {problem}; check the "
+                    "module path, or use the bare class name",
                 )
             )
     return findings
@@ -304,7 +336,9 @@ def _truncation_findings(
 ) -> list[Finding]:
     nearest = min(args.b - args.mean, args.mean - args.a) / args.std
     farthest = max(args.b - args.mean, args.mean - args.a) / args.std
-    if nearest < _TRUNCATION_TOO_TIGHT:
+    if nearest < 0:
+        detail = "the mean lies outside [a, b], so every draw comes from one tail"
+    elif nearest < _TRUNCATION_TOO_TIGHT:
         detail = f"a bound lies {nearest:.3g} std from the mean, cutting most draws"
     elif farthest > _TRUNCATION_TOO_LOOSE and nearest > _TRUNCATION_TOO_LOOSE:
         detail = (
@@ -326,9 +360,19 @@ def _truncation_findings(
     ]
 
 
-def _import_class(qualified: str) -> object | None:
-    """Import ``pkg.module.Class`` (lint may import; ``apply`` never does)."""
+def _class_problem(qualified: str) -> str | None:
+    """Return why ``pkg.module.Class`` does not name a class, or ``None``.
+
+    Only packages that are already imported (torch, and the model's library
+    when linting with --model) are imported further, so a policy cannot make
+    lint run the code of an arbitrary installed module. For a package that is
+    installed but not imported, the class is not checked.
+    """
     parts = qualified.split(".")
+    if parts[0] not in sys.modules:
+        return (
+            "cannot be imported" if importlib.util.find_spec(parts[0]) is None else None
+        )
     for split in range(len(parts) - 1, 0, -1):
         try:
             value: object = importlib.import_module(".".join(parts[:split]))
@@ -337,9 +381,9 @@ def _import_class(qualified: str) -> object | None:
         for attribute in parts[split:]:
             value = getattr(value, attribute, None)
             if value is None:
-                return None
-        return value if isinstance(value, type) else None
-    return None
+                return "cannot be imported"
+        return None if isinstance(value, type) else "is not a class"
+    return "cannot be imported"
 
 
 # --- model findings ----------------------------------------------------------
@@ -374,7 +418,8 @@ def _model_findings(policy: Policy, model: nn.Module) -> list[Finding]:
     findings += [
         finding
         for finding in _rule_usage_findings(policy, plan)
-        if finding.code != "IR202" or finding.rule_index not in alias_rules
+        if finding.code not in ("IR202", "IR205")
+        or finding.rule_index not in alias_rules
     ]
     for problem in plan.problems:
         index = problem.match.rule_index
@@ -386,6 +431,23 @@ def _model_findings(policy: Policy, model: nn.Module) -> list[Finding]:
 
 def _shape(shape: torch.Size) -> str:
     return "x".join(map(str, shape)) or "scalar"
+
+
+def _alias_matches(policy: Policy, plan: Plan) -> dict[int, tuple[str, str]]:
+    """Map rules that match a tied tensor's later name to (that name, first name)."""
+    matcher = Matcher(policy)
+    entries = [item.entry for item in plan.planned]
+    entries += [problem.entry for problem in plan.problems]
+    entries += [item.entry for item in plan.skipped] + plan.unmatched
+    found: dict[int, tuple[str, str]] = {}
+    for entry in entries:
+        for alias in entry.alias_infos:
+            result = matcher.match(alias, all_matches=True)
+            if result is None:
+                continue
+            for index in (result.rule_index, *result.also_matched):
+                found.setdefault(index, (alias.name, entry.name))
+    return found
 
 
 def _rule_usage_findings(policy: Policy, plan: Plan) -> list[Finding]:
@@ -402,10 +464,27 @@ def _rule_usage_findings(policy: Policy, plan: Plan) -> list[Finding]:
             winners_of.setdefault(later, Counter())[match.rule_index] += 1
 
     findings: list[Finding] = []
+    unreachable = _unreachable(policy)
+    alias_matches = _alias_matches(policy, plan)
     for index, rule in enumerate(policy.rules):
-        if won[index]:
+        # IR101 already reports rules after a catch-all, and a final catch-all
+        # that wins nothing is a safety net, not a mistake.
+        if won[index] or index in unreachable or _is_catch_all(rule.match):
             continue
         label = rule.label(index, with_location=False)
+        if not also[index] and index in alias_matches:
+            alias, first = alias_matches[index]
+            findings.append(
+                _finding(
+                    policy,
+                    index,
+                    "IR205",
+                    f"{label} matches only {alias!r}, a tied name of {first!r}; a "
+                    "tied tensor is initialized by the rule for its first name, so "
+                    f"match {first!r} instead",
+                )
+            )
+            continue
         if not also[index]:
             findings.append(
                 _finding(

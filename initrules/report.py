@@ -147,6 +147,12 @@ def _format_args(args: dict[str, Any]) -> str:
     return ", ".join(f"{key}={value}" for key, value in args.items())
 
 
+def _policy_text(report: Report) -> str:
+    if report.policy_name == report.policy_path:
+        return report.policy_path
+    return f"{report.policy_name} ({report.policy_path})"
+
+
 def _format_report(report: Report) -> str:
     header = (
         "tensor",
@@ -191,8 +197,7 @@ def _format_report(report: Report) -> str:
     ]
     counts = report.summary
     parts = [
-        f"initrules: policy {report.policy_name} ({report.policy_path}), "
-        f"seed {report.seed}",
+        f"initrules: policy {_policy_text(report)}, seed {report.seed}",
         *table,
         (
             f"{counts['initialized']} tensors initialized "

@@ -7,7 +7,7 @@ from torch import nn
 import initrules
 from initrules.expected import ExpectedStats, expected_stats
 
-# (init mapping, tensor shape); each tensor holds 16k to 260k elements, so the
+# (init mapping, tensor shape); each tensor has 16k to 260k elements, so the
 # sample moments sit well inside five standard errors of the population ones.
 CASES = [
     ("{scheme: uniform, a: -0.3, b: 0.5}", (256, 256)),
