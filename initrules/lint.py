@@ -410,6 +410,8 @@ def _model_findings(policy: Policy, model: nn.Module) -> list[Finding]:
             f"{_shape(entry.tensor.shape)}) matches no rule; add a rule for it",
         )
         for entry in plan.unmatched
+        # `on_unmatched: keep` states that leaving them is deliberate.
+        if policy.on_unmatched != "keep"
     ]
     tied = _tied_findings(policy, plan)
     # A rule that matches only the second name of a tied tensor does match a

@@ -102,7 +102,7 @@ rules:
 # fail on one predicate of it; rule 4 fails on two.
 EXPLAIN_UNMATCHED = """\
 version: 1
-on_unmatched: keep
+on_unmatched: warn
 rules:
   - name: linear weights
     match: {module: Linear, param: weight}

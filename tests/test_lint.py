@@ -735,3 +735,13 @@ def test_lint_never_imports_a_new_package(tmp_path: Path) -> None:
     text = "rules:\n  - {match: {module: this.Thing}, init: zeros}\n"
     assert lint_text(tmp_path, text) == []
     assert "this" not in sys.modules
+
+
+@pytest.mark.parametrize(("mode", "count"), [("error", 2), ("warn", 2), ("keep", 0)])
+def test_unmatched_follows_on_unmatched(tmp_path: Path, mode: str, count: int) -> None:
+    text = (
+        f"on_unmatched: {mode}\nrules:\n  - {{match: {{param: weight}}, init: ones}}\n"
+    )
+    model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
+    codes = [line.split()[1] for line in lint_text(tmp_path, text, model)]
+    assert codes == ["IR201"] * count
