@@ -101,6 +101,8 @@ def _sarif(findings: Sequence[Finding]) -> str:
                 {
                     "physicalLocation": {
                         "artifactLocation": {"uri": _uri(finding.path)},
+                        # NOTE: columns count code points; SARIF's default
+                        # unit is UTF-16 code units, which differ past the BMP.
                         "region": {
                             "startLine": finding.line,
                             "startColumn": finding.column,

@@ -232,6 +232,9 @@ class _Converter:
     the size of the expanded tree is bounded by ``MAX_EXPANDED_NODES``.
     """
 
+    # NOTE: PyYAML's composer returns the anchored node for an alias, so a rule
+    # written as `- *name` reports the anchor's position, not the alias's.
+
     def __init__(self, loader: yaml.SafeLoader, positions: _Positions) -> None:
         self.loader = loader
         self.positions = positions
