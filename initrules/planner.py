@@ -294,11 +294,17 @@ def _check(
     entry: TensorEntry, result: MatchResult, scheme: Scheme
 ) -> PlanProblem | None:
     tensor = entry.tensor
-    reason = scheme.check(tuple(tensor.shape), tensor.dtype, result.rule.init.args)
+    shape = tuple(tensor.shape)
+    # Without arguments the check covers the tensor's kind (ndim, dtype); a
+    # failure that appears only with them is about the rule's arguments.
+    reason = scheme.check(shape, tensor.dtype)
     hint = (
         "narrow the rule's match (for example with 'ndim' or 'param') or add an "
         "earlier rule for this tensor"
     )
+    if reason is None:
+        reason = scheme.check(shape, tensor.dtype, result.rule.init.args)
+        hint = "change the rule's arguments, or use another scheme for this tensor"
     needs_reset = scheme.needs_module_reset
     if reason is None and needs_reset and not _has_reset(entry.module):
         reason = (

@@ -491,6 +491,8 @@ FIX_HINT = (
     "earlier rule for this tensor"
 )
 
+ARGS_HINT = "change the rule's arguments, or use another scheme for this tensor"
+
 PLAN_ERRORS = {
     "xavier-on-bias": (
         lambda: nn.Linear(4, 3),
@@ -554,7 +556,7 @@ PLAN_ERRORS = {
             init: zeros
         """,
         "rule 1 at <text>:2:5 cannot initialize 'weight' (shape (4, 6, 3, 3), "
-        "float32): dirac needs dim 0 (4) to be divisible by groups (3); " + FIX_HINT,
+        "float32): dirac needs dim 0 (4) to be divisible by groups (3); " + ARGS_HINT,
     ),
     "constant-not-an-integer": (
         Counter,
@@ -566,7 +568,7 @@ PLAN_ERRORS = {
             init: {scheme: constant, val: 1.5}
         """,
         "rule 2 at <text>:4:5 cannot initialize 'steps' (shape (4,), int64): "
-        "constant 1.5 cannot be stored in int64; " + FIX_HINT,
+        "constant 1.5 cannot be stored in int64; " + ARGS_HINT,
     ),
 }
 
@@ -955,7 +957,7 @@ REJECTED = {
         "rules:\n  - match: {}\n    init: {scheme: uniform, a: -1.0e+5, b: 1.0e+5}\n",
         "rule 1 at <text>:2:5 cannot initialize 'weight' (shape (4, 4), float16): "
         "uniform with these arguments writes values up to about 2e+05, beyond the "
-        "largest float16 value (6.55e+04); " + FIX_HINT,
+        "largest float16 value (6.55e+04); " + ARGS_HINT,
     ),
     "normal-beyond-float16": (
         lambda: nn.Linear(4, 4).half(),
@@ -963,10 +965,10 @@ REJECTED = {
         "2 tensors cannot be initialized:\n"
         "  rule 1 at <text>:2:5 cannot initialize 'weight' (shape (4, 4), float16): "
         "normal with these arguments writes values up to about 6e+06, beyond the "
-        "largest float16 value (6.55e+04); " + FIX_HINT + "\n"
+        "largest float16 value (6.55e+04); " + ARGS_HINT + "\n"
         "  rule 1 at <text>:2:5 cannot initialize 'bias' (shape (4,), float16): "
         "normal with these arguments writes values up to about 6e+06, beyond the "
-        "largest float16 value (6.55e+04); " + FIX_HINT,
+        "largest float16 value (6.55e+04); " + ARGS_HINT,
     ),
     "normal-on-complex": (
         lambda: holder(torch.zeros(4, 4, dtype=torch.complex64)),
