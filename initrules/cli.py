@@ -179,6 +179,17 @@ def _add_model_options(parser: argparse.ArgumentParser, *, required: bool) -> No
             "class; VALUE is parsed as JSON, else kept as a string (repeatable)"
         ),
     )
+    parser.add_argument(
+        "--model-kwarg",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help=(
+            "a keyword argument of a transformers model class itself, besides its "
+            "config (e.g. add_pooling_layer=false); parsed like --model-arg "
+            "(repeatable)"
+        ),
+    )
 
 
 def _codes(text: str) -> list[str]:
@@ -267,7 +278,12 @@ def _model(args: argparse.Namespace, *, device: str | None) -> nn.Module:
     working_directory = os.getcwd()
     if working_directory not in sys.path:
         sys.path.insert(0, working_directory)
-    return build_model(args.model, parse_model_args(args.model_arg), device=device)
+    return build_model(
+        args.model,
+        parse_model_args(args.model_arg),
+        model_kwargs=parse_model_args(args.model_kwarg),
+        device=device,
+    )
 
 
 # --- explain -------------------------------------------------------------------

@@ -104,7 +104,11 @@ def _check_config_fields(config_class: Any, arguments: dict[str, Any]) -> None:
 
 
 def build_model(
-    reference: str, arguments: dict[str, Any], *, device: str | None = None
+    reference: str,
+    arguments: dict[str, Any],
+    *,
+    model_kwargs: dict[str, Any] | None = None,
+    device: str | None = None,
 ) -> nn.Module:
     """Build the model named by ``reference``, optionally under a device context.
 
@@ -112,20 +116,24 @@ def build_model(
         reference: ``MODULE:FACTORY``.
         arguments: Keyword arguments of the factory, or config fields of a
             transformers model class.
+        model_kwargs: Keyword arguments of a transformers model class itself,
+            besides its config (``add_pooling_layer=False`` for BertModel);
+            for other factories they join ``arguments``.
         device: ``"meta"`` builds without allocating weights.
 
     Raises:
         FactoryError: The reference, the arguments or the result is invalid.
     """
     factory = resolve_factory(reference)
+    extra = model_kwargs or {}
     try:
         with _on_device(device):
             if _is_transformers_model(factory):
                 config_class = factory.config_class  # type: ignore[attr-defined]
                 _check_config_fields(config_class, arguments)
-                model = factory(config_class(**arguments))
+                model = factory(config_class(**arguments), **extra)
             else:
-                model = factory(**arguments)
+                model = factory(**arguments, **extra)
     except FactoryError:
         raise
     except (Exception, SystemExit) as error:

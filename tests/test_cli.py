@@ -865,3 +865,24 @@ def test_explain_shows_tied_names(
     assert out[1] == (
         "  tied: also named head.weight; the rule for embed.weight initializes it"
     )
+
+
+def test_model_kwarg_reaches_transformers_class(
+    in_workspace: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, _ = run_main(
+        capsys,
+        "explain",
+        str(REPO_ROOT / "policies" / "bert.yaml"),
+        "--model",
+        "transformers:BertModel",
+        "--model-arg",
+        "num_hidden_layers=1",
+        "--model-kwarg",
+        "add_pooling_layer=false",
+        "--param",
+        "**",
+    )
+    assert code == 0
+    assert not any(line.startswith("pooler.") for line in out)
+    assert any(line.startswith("embeddings.word_embeddings.weight") for line in out)
