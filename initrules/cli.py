@@ -28,6 +28,7 @@ from initrules.lint import CODES, Finding, lint_path, sort_findings
 from initrules.loader import load_policy
 from initrules.matcher import Matcher
 from initrules.planner import walk_tensors
+from initrules.report import format_shape
 from initrules.schema import policy_json_schema
 
 __all__ = ["main"]
@@ -305,7 +306,7 @@ def _run_explain(args: argparse.Namespace) -> int:
         if pattern is not None and not any(map(pattern.fullmatch, names)):
             continue
         shown += 1
-        shape = "x".join(map(str, entry.tensor.shape)) or "scalar"
+        shape = format_shape(entry.tensor.shape)
         print(f"{info.name} ({info.module_class.__name__}, {shape}, {info.dtype})")
         if entry.aliases:
             print(

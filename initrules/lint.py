@@ -21,13 +21,13 @@ from dataclasses import dataclass
 from typing import Literal
 
 import regex
-import torch
 from torch import nn
 
 from initrules.errors import PolicyError, SourceLocation
 from initrules.loader import load_policy
 from initrules.matcher import Matcher
 from initrules.planner import Plan, make_plan
+from initrules.report import format_shape
 from initrules.schema import Match, Policy, Rule
 from initrules.schemes import KaimingArgs, TruncNormalArgs
 
@@ -407,7 +407,7 @@ def _model_findings(policy: Policy, model: nn.Module) -> list[Finding]:
             None,
             "IR201",
             f"parameter {entry.name!r} ({type(entry.module).__name__}, shape "
-            f"{_shape(entry.tensor.shape)}) matches no rule; add a rule for it",
+            f"{format_shape(entry.tensor.shape)}) matches no rule; add a rule for it",
         )
         for entry in plan.unmatched
         # `on_unmatched: keep` states that leaving them is deliberate.
@@ -429,10 +429,6 @@ def _model_findings(policy: Policy, model: nn.Module) -> list[Finding]:
         findings.append(_finding(policy, index, "IR204", f"{label} {problem.detail}"))
     findings += tied
     return findings
-
-
-def _shape(shape: torch.Size) -> str:
-    return "x".join(map(str, shape)) or "scalar"
 
 
 def _alias_matches(policy: Policy, plan: Plan) -> dict[int, tuple[str, str]]:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-__all__ = ["Report", "Row", "Skipped"]
+__all__ = ["Report", "Row", "Skipped", "format_shape"]
 
 
 @dataclass(frozen=True)
@@ -139,6 +140,11 @@ class Report:
         return _format_report(self)
 
 
+def format_shape(shape: Sequence[int]) -> str:
+    """Return a shape as ``64x128`` (``scalar`` for a 0-d tensor)."""
+    return "x".join(map(str, shape)) or "scalar"
+
+
 def _format_number(value: float | None) -> str:
     return "-" if value is None else f"{value:.4g}"
 
@@ -177,7 +183,7 @@ def _format_report(report: Report) -> str:
         lines.append(
             (
                 name,
-                "x".join(map(str, row.shape)) or "scalar",
+                format_shape(row.shape),
                 row.module_type,
                 rule,
                 scheme,
