@@ -53,7 +53,7 @@ def derive_seed(seed: int, name: str) -> int:
 
 
 def apply(model: nn.Module, policy: PolicySource, *, seed: int | None = None) -> Report:
-    """Initialize the tensors of ``model`` as ``policy`` says, and report.
+    """Initialize the tensors of ``model`` by ``policy`` and return the report.
 
     Every tensor's rule is resolved and every scheme checked against its
     tensor before anything is written, so an error leaves the model as it

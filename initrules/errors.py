@@ -9,7 +9,7 @@ Every exception derives from :class:`InitRulesError`::
     └── ApplyError             a scheme failed while writing
 
 Nothing is written to a model when ``apply`` raises a PolicyError or a
-PlanError; an ApplyError says how many tensors were written before it.
+PlanError. An ApplyError states how many tensors were written before it.
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ _SEGMENT_CHAR = r"[^.]"
 
 
 class GlobError(ValueError):
-    """A glob pattern is malformed; the message says where and why."""
+    """A glob pattern is malformed; the message gives where and why."""
 
 
 def compile_glob(pattern: str) -> re.Pattern[str]:

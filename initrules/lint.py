@@ -2,10 +2,10 @@
 
 File findings need only the policy: invalid YAML or schema, rules that can
 never win, duplicate rules, arguments that are accepted but mislead. Model
-findings plan the policy against a model (which may live on the meta device,
-so no memory is spent on weights): unmatched tensors, dead and shadowed
-rules, schemes that cannot fill the tensors they win, tied tensors whose
-names disagree. Every code is documented in ``docs/rules.md``.
+findings plan the policy against a model, which may live on the meta device
+so that no memory is spent on weights. They report unmatched tensors, dead
+and shadowed rules, schemes that cannot fill the tensors they win, and tied
+tensors whose names disagree. Every code is documented in ``docs/rules.md``.
 """
 
 from __future__ import annotations

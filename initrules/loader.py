@@ -303,7 +303,7 @@ class _Converter:
             explicit[key] = key_node.start_mark
             self.positions.keys[(*loc, key)] = key_node.start_mark
             result[key] = self.convert(value_node, (*loc, key))
-        # Explicit keys win over merged ones, wherever the '<<' key stands.
+        # Explicit keys win over merged ones, wherever the '<<' key is.
         return {**merged, **result}
 
     def _merge(self, result: dict[Any, Any], value_node: yaml.Node, loc: Loc) -> None:

@@ -26,7 +26,7 @@ REGEX_TIMEOUT_S = 0.25
 
 @dataclass(frozen=True)
 class TensorInfo:
-    """What the matcher may look at for one tensor.
+    """Facts about one tensor that the matcher tests predicates against.
 
     Attributes:
         name: Canonical dotted name (wrapper segments removed).

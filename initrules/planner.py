@@ -49,7 +49,7 @@ class TensorEntry:
     """One distinct tensor of the model, found by the walk.
 
     Attributes:
-        info: What the matcher sees (canonical name, classes, ndim, dtype).
+        info: The matcher's input (canonical name, classes, ndim, dtype).
         tensor: The tensor itself (a Parameter or a buffer).
         module: The module that owns it.
         aliases: Other canonical names of the same tensor (tied weights).

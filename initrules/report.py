@@ -75,7 +75,7 @@ class Skipped:
 
 @dataclass
 class Report:
-    """What ``apply`` did to a model.
+    """Record of one ``apply`` run on a model.
 
     Attributes:
         policy_name: The policy's ``name``, or its path when it has none.

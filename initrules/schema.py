@@ -1,6 +1,6 @@
 """Pydantic models of a policy, and the JSON Schema generated from them.
 
-A policy is an ordered list of rules; each rule has a ``match`` (predicates
+A policy is an ordered list of rules. Each rule has a ``match`` (predicates
 on a tensor, all of which must hold) and an ``init`` (a scheme and its
 arguments). Validation here is structural: patterns compile, scheme names
 exist, scheme arguments fit the scheme. Whether a rule can apply to a given
@@ -86,7 +86,7 @@ class Match(_Strict):
         name: Glob on the canonical dotted name (see :mod:`initrules.globs`).
         regex: Regular expression full-matched against the canonical name.
         module: Class of the owning module: a class name, a qualified name
-            or a glob on the class name; any one of a list may match.
+            or a glob on the class name. With a list, any one may match.
         exact: Match the owning module's own class only, not subclasses.
         within: Class of an ancestor of the owning module (same forms).
         param: Glob on the tensor's local name (``weight``, ``*_proj``).

@@ -63,7 +63,7 @@ class SchemeArgs(BaseModel):
 
 @dataclass(frozen=True)
 class FillContext:
-    """What a scheme may use besides its tensor and arguments.
+    """Context of one fill: what a scheme may use besides tensor and arguments.
 
     Attributes:
         module: The module that owns the tensor.
@@ -92,8 +92,8 @@ class Scheme:
         args_model: Pydantic model of the scheme's arguments.
         fill: Writes the scheme's values into a tensor in place.
         random: True if the values are drawn at random (needs a float dtype).
-        min_ndim: Fewest dimensions the tensor may have.
-        max_ndim: Most dimensions the tensor may have, or ``None``.
+        min_ndim: Minimum number of dimensions of the tensor.
+        max_ndim: Maximum number of dimensions of the tensor, or ``None``.
         needs_module_reset: True if the owning module must define
             ``reset_parameters`` (the ``default`` scheme).
         writes: False for schemes that leave the tensor as it is (``keep``).
@@ -295,7 +295,7 @@ class VarianceScalingArgs(SchemeArgs):
     """Arguments of ``variance_scaling``, with JAX's meaning.
 
     The target variance is ``scale / n``, where ``n`` is fan_in, fan_out or
-    their mean; a truncated normal is cut at two standard deviations and
+    their mean. A truncated normal is cut at two standard deviations and
     rescaled so that the draw keeps that variance.
     """
 

@@ -237,7 +237,7 @@ def test_every_tensor_expected(name: str) -> None:
 def test_nested_conv_std_uses_fan_out() -> None:
     # kaiming_normal with a ReLU gain has std sqrt(2 / fan). For the 8x3x3x3 conv
     # weight, fan_out = 8 * 9 = 72 (std 0.167) and fan_in = 3 * 9 = 27 (std 0.272).
-    # The 216 drawn values estimate the std to about 5%, so 20% tells them apart.
+    # The 216 drawn values estimate the std to about 5%, so a 20% margin separates them.
     row = apply_example("nested_model").row("conv.weight")
     assert row.std is not None
     assert math.isclose(row.std, math.sqrt(2 / 72), rel_tol=0.2), row.std
