@@ -15,9 +15,10 @@ Example:
     []
 """
 
-from initrules.engine import apply, derive_seed
+from initrules.engine import apply, check, derive_seed
 from initrules.errors import (
     ApplyError,
+    CheckError,
     InitRulesError,
     InitRulesWarning,
     PlanError,
@@ -28,8 +29,18 @@ from initrules.errors import (
 from initrules.loader import load_policy
 from initrules.matcher import Matcher, MatchResult, TensorInfo
 from initrules.planner import Plan, make_plan
-from initrules.report import Report, Row, Skipped
-from initrules.schema import InitSpec, Match, Policy, Rule, policy_json_schema
+from initrules.probe import ProbeFlag, ProbeRecord, ProbeReport, probe
+from initrules.report import CheckFailure, LsuvResult, Report, Row, Skipped
+from initrules.schema import (
+    Checks,
+    Expect,
+    InitSpec,
+    Match,
+    Policy,
+    Rule,
+    RuleChecks,
+    policy_json_schema,
+)
 from initrules.schemes import (
     FillContext,
     Scheme,
@@ -41,10 +52,15 @@ from initrules.schemes import (
 
 __all__ = [
     "ApplyError",
+    "CheckError",
+    "CheckFailure",
+    "Checks",
+    "Expect",
     "FillContext",
     "InitRulesError",
     "InitRulesWarning",
     "InitSpec",
+    "LsuvResult",
     "Match",
     "MatchResult",
     "Matcher",
@@ -52,9 +68,13 @@ __all__ = [
     "PlanError",
     "Policy",
     "PolicyError",
+    "ProbeFlag",
+    "ProbeRecord",
+    "ProbeReport",
     "Report",
     "Row",
     "Rule",
+    "RuleChecks",
     "Scheme",
     "SchemeArgs",
     "Skipped",
@@ -62,11 +82,13 @@ __all__ = [
     "TensorInfo",
     "UnmatchedTensorsError",
     "apply",
+    "check",
     "derive_seed",
     "get_scheme",
     "load_policy",
     "make_plan",
     "policy_json_schema",
+    "probe",
     "register_scheme",
     "scheme_names",
 ]

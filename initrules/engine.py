@@ -6,19 +6,36 @@ import hashlib
 import logging
 import os
 import warnings
+from typing import Any
 
 import torch
 from torch import nn
 
-from initrules.errors import ApplyError, InitRulesWarning, UnmatchedTensorsError
-from initrules.expected import expected_stats
+from initrules.checks import (
+    Measured,
+    expected_for,
+    measure,
+    plan_failures,
+    tensor_failures,
+    tie_failures,
+)
+from initrules.errors import (
+    ApplyError,
+    CheckError,
+    InitRulesWarning,
+    PlanError,
+    UnmatchedTensorsError,
+)
+from initrules.expected import ExpectedStats
 from initrules.loader import load_policy
-from initrules.planner import Plan, PlannedTensor, make_plan
-from initrules.report import Report, Row, Skipped
-from initrules.schema import Policy
+from initrules.lsuv import lsuv_failures, run_lsuv
+from initrules.planner import Plan, PlannedTensor, TensorEntry, make_plan
+from initrules.probe import probe
+from initrules.report import CheckFailure, Report, Row, Skipped
+from initrules.schema import Checks, Policy
 from initrules.schemes import FillContext
 
-__all__ = ["apply", "derive_seed", "resolve_policy"]
+__all__ = ["apply", "check", "derive_seed", "resolve_policy"]
 
 logger = logging.getLogger(__name__)
 
@@ -52,13 +69,22 @@ def derive_seed(seed: int, name: str) -> int:
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
-def apply(model: nn.Module, policy: PolicySource, *, seed: int | None = None) -> Report:
-    """Initialize the tensors of ``model`` by ``policy`` and return the report.
+def apply(
+    model: nn.Module,
+    policy: PolicySource,
+    *,
+    seed: int | None = None,
+    probe_inputs: Any = None,
+    data: Any = None,
+) -> Report:
+    """Initialize the tensors of ``model`` by ``policy``, check them, return the report.
 
     Every tensor's rule is resolved and every scheme checked against its
     tensor before anything is written, so an error leaves the model as it
     was. Parameters keep their identity and ``requires_grad``; tied tensors
-    are written once.
+    are written once. The policy's ``checks`` then run on the written values
+    (see :mod:`initrules.checks`); checks that the rules' arguments alone
+    fail run before writing, so such a policy writes nothing.
 
     Args:
         model: The model to initialize, materialized (not on the meta device).
@@ -66,15 +92,22 @@ def apply(model: nn.Module, policy: PolicySource, *, seed: int | None = None) ->
         seed: When given, each tensor draws from its own generator seeded from
             ``seed`` and its canonical name. When ``None``, draws come from
             torch's global generator (``torch.manual_seed``).
+        probe_inputs: Example inputs for a forward-pass probe after init
+            (see :func:`initrules.probe`): a tuple of positional arguments, a
+            dict of keyword arguments, or one tensor.
+        data: A batch for data-dependent schemes (``lsuv``), in the same
+            forms as ``probe_inputs``; needed only when the policy uses one.
 
     Returns:
-        The report of what each tensor got.
+        The report of what each tensor got and of every failed check.
 
     Raises:
         PolicyError: The policy is invalid.
-        PlanError: A scheme cannot apply to a tensor, or the model is on meta.
+        PlanError: A scheme cannot apply to a tensor, the model is on meta,
+            or the policy needs ``data`` and none was given.
         UnmatchedTensorsError: Parameters matched no rule under
             ``on_unmatched: error``.
+        CheckError: A check failed under ``checks: {on_failure: raise}``.
 
     Example:
         >>> import torch, initrules
@@ -84,37 +117,161 @@ def apply(model: nn.Module, policy: PolicySource, *, seed: int | None = None) ->
         ...   - {match: {param: bias}, init: zeros}
         ... ''')
         >>> report = initrules.apply(torch.nn.Linear(4, 3), policy, seed=0)
-        >>> report.summary["initialized"]
-        2
+        >>> report.summary["initialized"], report.ok
+        (2, True)
     """
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
+    _check_seed(seed)
     resolved = resolve_policy(policy)
     plan = make_plan(model, resolved)
+    _require_data(plan, data)
     _handle_unmatched(plan)
-    report = Report(
-        policy_name=resolved.name or resolved.path,
-        policy_path=resolved.path,
-        seed=seed,
-        unmatched=[entry.name for entry in plan.unmatched],
-        skipped=[Skipped(item.entry.name, item.reason) for item in plan.skipped],
-        untouched_buffers=plan.untouched_buffers,
-    )
+    report = _new_report(plan, seed)
+    report.failures += plan_failures(plan)
+    if report.failures:
+        # The arguments alone fail a check: settle before writing anything.
+        _settle(report, resolved.checks.on_failure)
+    zeroed: dict[int, int] = {}
     with torch.no_grad():
         for written, item in enumerate(plan.planned):
             try:
-                note = _fill(item, seed)
+                zeroed[id(item.entry.tensor)] = _fill(item, seed)
             except Exception as error:
                 raise _write_error(item, written, error) from error
-            report.rows.append(_row(item, note))
+    if any(item.scheme.needs_data for item in plan.planned):
+        report.lsuv = run_lsuv(model, plan, data)
+    _record_rows(report, plan, zeroed)
+    report.failures += tie_failures(plan, model)
+    report.failures += lsuv_failures(report.lsuv)
+    if probe_inputs is not None:
+        _run_probe(report, model, probe_inputs, resolved.checks)
     logger.info(
-        "initialized %d tensors with policy %s (%d unmatched, %d skipped)",
+        "initialized %d tensors with policy %s (%d unmatched, %d skipped, "
+        "%d failed checks)",
         len(report.rows),
         report.policy_name,
         len(report.unmatched),
         len(report.skipped),
+        len(report.failures),
     )
+    _settle(report, resolved.checks.on_failure)
     return report
+
+
+def check(
+    model: nn.Module, policy: PolicySource, *, probe_inputs: Any = None
+) -> Report:
+    """Run the policy's checks on a model initialized elsewhere, writing nothing.
+
+    Each tensor is judged against the rule that would win for it, exactly as
+    :func:`apply` judges what it wrote, for example a model loaded from a
+    checkpoint. Unmatched tensors are listed, never raised.
+
+    Args:
+        model: The initialized model.
+        policy: A policy file path or a :class:`Policy`.
+        probe_inputs: Example inputs for a forward-pass probe, as for
+            :func:`apply`.
+
+    Returns:
+        The report, with ``failures`` listing every failed check; call
+        :meth:`Report.raise_for_failures` to raise on them.
+
+    Raises:
+        PolicyError: The policy is invalid.
+        PlanError: A scheme cannot apply to a tensor, or the model is on meta.
+    """
+    resolved = resolve_policy(policy)
+    plan = make_plan(model, resolved)
+    report = _new_report(plan, None)
+    report.failures += plan_failures(plan)
+    _record_rows(report, plan, {}, judge_arguments=True)
+    report.failures += tie_failures(plan, model)
+    if probe_inputs is not None:
+        _run_probe(report, model, probe_inputs, resolved.checks)
+    return report
+
+
+def _check_seed(seed: object) -> None:
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
+
+
+def _require_data(plan: Plan, data: Any) -> None:
+    if data is not None:
+        return
+    for item in plan.planned:
+        if item.scheme.needs_data:
+            rule = item.match.rule
+            raise PlanError(
+                f"{rule.label(item.match.rule_index)} uses {item.scheme.name} on "
+                f"{item.entry.name!r}, which needs a batch of data for its forward "
+                "passes; pass apply(..., data=batch)"
+            )
+
+
+def _new_report(plan: Plan, seed: int | None) -> Report:
+    policy = plan.policy
+    return Report(
+        policy_name=policy.name or policy.path,
+        policy_path=policy.path,
+        seed=seed,
+        unmatched=[entry.name for entry in plan.unmatched],
+        skipped=[Skipped(item.entry.name, item.reason) for item in plan.skipped],
+        untouched_buffers=plan.untouched_buffers,
+        checked=policy.checks.enabled,
+    )
+
+
+def _record_rows(
+    report: Report,
+    plan: Plan,
+    zeroed: dict[int, int],
+    *,
+    judge_arguments: bool = False,
+) -> None:
+    """Measure every planned tensor, add its row and its failed checks."""
+    checks = plan.policy.checks
+    for item in plan.planned:
+        zeroed_rows = zeroed.get(id(item.entry.tensor), 0)
+        measured = measure(item.entry.tensor)
+        expected = expected_for(item, zeroed_rows)
+        report.rows.append(_row(item, measured, expected, zeroed_rows))
+        if checks.enabled:
+            report.failures += tensor_failures(
+                item, measured, expected, checks, judge_arguments=judge_arguments
+            )
+
+
+def _run_probe(report: Report, model: nn.Module, inputs: Any, checks: Checks) -> None:
+    if isinstance(inputs, tuple):
+        result = probe(model, *inputs)
+    elif isinstance(inputs, dict):
+        result = probe(model, **inputs)
+    else:
+        result = probe(model, inputs)
+    result.growth_limit = checks.growth_limit
+    report.probe = result
+    if checks.enabled:
+        report.failures += [
+            CheckFailure("probe", flag.module, f"probe: {flag.message}")
+            for flag in result.flags
+        ]
+
+
+def _settle(report: Report, on_failure: str) -> None:
+    """Raise or warn about the report's failures, as the policy says."""
+    if not report.failures:
+        return
+    if on_failure == "raise":
+        raise CheckError(report)
+    shown = "; ".join(failure.message for failure in report.failures[:5])
+    more = len(report.failures) - 5
+    warnings.warn(
+        f"{len(report.failures)} check(s) failed for policy {report.policy_path}: "
+        f"{shown}" + (f"; and {more} more" if more > 0 else ""),
+        InitRulesWarning,
+        stacklevel=3,
+    )
 
 
 def _write_error(item: PlannedTensor, written: int, error: Exception) -> ApplyError:
@@ -146,7 +303,8 @@ def _handle_unmatched(plan: Plan) -> None:
         )
 
 
-def _fill(item: PlannedTensor, seed: int | None) -> str:
+def _fill(item: PlannedTensor, seed: int | None) -> int:
+    """Write one tensor; return how many rows were zeroed after the draw."""
     entry = item.entry
     tensor_seed = derive_seed(seed, entry.name) if seed is not None else None
     generator = None
@@ -158,7 +316,7 @@ def _fill(item: PlannedTensor, seed: int | None) -> str:
     return _zero_padding_row(item)
 
 
-def _zero_padding_row(item: PlannedTensor) -> str:
+def _zero_padding_row(item: PlannedTensor) -> int:
     """Zero an embedding's padding row after a random scheme, as torch does.
 
     Any owner of a tied tensor counts, so a head tied to an embedding with a
@@ -166,7 +324,7 @@ def _zero_padding_row(item: PlannedTensor) -> str:
     """
     entry = item.entry
     if not (item.scheme.random and item.match.rule.zero_padding_idx):
-        return ""
+        return 0
     owners = zip(
         [entry.module, *entry.alias_modules],
         [entry.info, *entry.alias_infos],
@@ -179,16 +337,19 @@ def _zero_padding_row(item: PlannedTensor) -> str:
             and module.padding_idx is not None
         ):
             entry.tensor[module.padding_idx].zero_()
-            return f"padding row {module.padding_idx} zeroed"
-    return ""
+            return 1
+    return 0
 
 
-def _row(item: PlannedTensor, note: str) -> Row:
+def _row(
+    item: PlannedTensor,
+    measured: Measured | None,
+    expected: ExpectedStats | None,
+    zeroed_rows: int,
+) -> Row:
     entry = item.entry
     tensor = entry.tensor
     rule = item.match.rule
-    mean, std, low, high = _statistics(tensor)
-    expected = expected_stats(item.scheme.name, tuple(tensor.shape), rule.init.args)
     return Row(
         name=entry.name,
         aliases=tuple(entry.aliases),
@@ -202,29 +363,21 @@ def _row(item: PlannedTensor, note: str) -> Row:
         scheme=item.scheme.name,
         args=rule.init.args.model_dump(),
         captures=dict(item.match.captures),
-        mean=mean,
-        std=std,
-        min=low,
-        max=high,
+        mean=measured.mean if measured else None,
+        std=measured.std if measured else None,
+        min=measured.min if measured else None,
+        max=measured.max if measured else None,
         expected_mean=expected.mean if expected else None,
         expected_std=expected.std if expected else None,
-        note=note,
+        note=_padding_note(entry, zeroed_rows),
     )
 
 
-def _statistics(
-    tensor: torch.Tensor,
-) -> tuple[float | None, float | None, float | None, float | None]:
-    if tensor.numel() == 0 or tensor.dtype == torch.bool or tensor.is_complex():
-        return None, None, None, None
-    values = tensor.detach()
-    # Integer and narrow float dtypes (float16, bfloat16, float8) have no or
-    # imprecise reduction kernels, so their statistics are taken in float32.
-    if not values.is_floating_point() or values.dtype.itemsize < 4:
-        values = values.float()
-    if values.numel() == 1:
-        value = float(values.reshape(()))
-        return value, 0.0, value, value
-    std, mean = torch.std_mean(values)
-    low, high = torch.aminmax(values)
-    return float(mean), float(std), float(low), float(high)
+def _padding_note(entry: TensorEntry, zeroed_rows: int) -> str:
+    if not zeroed_rows:
+        return ""
+    for module in (entry.module, *entry.alias_modules):
+        padding_idx = getattr(module, "padding_idx", None)
+        if isinstance(padding_idx, int):
+            return f"padding row {padding_idx} zeroed"
+    return "padding row zeroed"

@@ -6,19 +6,27 @@ Every exception derives from :class:`InitRulesError`::
     ├── PolicyError            a policy file or text is invalid (has a position)
     ├── PlanError              a rule cannot apply to a tensor of the model
     │   └── UnmatchedTensorsError   parameters that no rule matched
-    └── ApplyError             a scheme failed while writing
+    ├── ApplyError             a scheme failed while writing
+    └── CheckError             checks of the initialized tensors failed
 
 Nothing is written to a model when ``apply`` raises a PolicyError or a
-PlanError. An ApplyError states how many tensors were written before it.
+PlanError. An ApplyError states how many tensors were written before it. A
+CheckError carries the report; it is raised before writing when the rules'
+arguments alone fail a check, and after writing otherwise.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from initrules.report import Report
 
 __all__ = [
     "ApplyError",
+    "CheckError",
     "InitRulesError",
     "InitRulesWarning",
     "PlanError",
@@ -115,4 +123,28 @@ class UnmatchedTensorsError(PlanError):
             f"{shown}\n"
             "Add a rule that matches them, or set 'on_unmatched: warn' or "
             "'on_unmatched: keep' to leave them as they are."
+        )
+
+
+class CheckError(InitRulesError):
+    """Checks of the initialized tensors failed.
+
+    Attributes:
+        report: The report of the run, with every failure in
+            ``report.failures``. When the rules' arguments alone failed a
+            check, nothing was written and ``report.rows`` is empty.
+    """
+
+    def __init__(self, report: Report) -> None:
+        self.report = report
+        failures = report.failures
+        shown = "\n".join(f"  {failure.message}" for failure in failures[:20])
+        if len(failures) > 20:
+            shown += f"\n  ... and {len(failures) - 20} more"
+        written = (
+            "nothing was written" if not report.rows else "the tensors are written"
+        )
+        super().__init__(
+            f"{len(failures)} check(s) failed for policy {report.policy_path} "
+            f"({written}):\n{shown}"
         )

@@ -29,6 +29,7 @@ __all__ = [
     "TensorEntry",
     "is_wrapper_segment",
     "make_plan",
+    "walk_modules",
     "walk_tensors",
 ]
 
@@ -163,6 +164,17 @@ def _walk_modules(
             yield from _walk_modules(
                 child, (*prefix, child_name), inner_ancestors, inner_path
             )
+
+
+def walk_modules(
+    model: nn.Module,
+) -> Iterator[tuple[tuple[str, ...], nn.Module, tuple[type, ...]]]:
+    """Yield ``(name segments, module, ancestor classes)`` in module order.
+
+    Wrapper segments are left out of the names, so a wrapper and the module
+    it wraps share a name (the root's is the empty tuple).
+    """
+    return _walk_modules(model, (), ())
 
 
 def walk_tensors(model: nn.Module) -> tuple[list[TensorEntry], list[TensorEntry]]:

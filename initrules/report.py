@@ -1,13 +1,20 @@
-"""The record of one ``apply`` run: a row per tensor, unmatched and skipped lists."""
+"""The record of one ``apply`` run: a row per tensor, check failures, lists."""
 
 from __future__ import annotations
 
+import json
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["Report", "Row", "Skipped", "format_shape"]
+from initrules.errors import CheckError
+
+if TYPE_CHECKING:
+    from initrules.probe import ProbeReport
+
+__all__ = ["CheckFailure", "LsuvResult", "Report", "Row", "Skipped", "format_shape"]
 
 
 @dataclass(frozen=True)
@@ -73,6 +80,51 @@ class Skipped:
     reason: str
 
 
+@dataclass(frozen=True)
+class CheckFailure:
+    """One failed check of one tensor (or, for the probe, one module).
+
+    Attributes:
+        check: The check's name: ``finite``, ``statistics``, ``scale``,
+            ``bounds``, ``ties``, ``expect`` or ``probe``.
+        tensor: Canonical name of the tensor, or of the module for ``probe``.
+        message: One sentence with the measured and expected values.
+        measured: The measured value; for checks made before writing, the
+            value the rule's arguments imply.
+        expected: The value the check expected, if there is a single one.
+        allowed: The accepted ``(low, high)`` range, if the check has one.
+        rule: The winning rule's label with its position, if any.
+    """
+
+    check: str
+    tensor: str
+    message: str
+    measured: float | None = None
+    expected: float | None = None
+    allowed: tuple[float, float] | None = None
+    rule: str | None = None
+
+
+@dataclass(frozen=True)
+class LsuvResult:
+    """The data-dependent pass of one ``lsuv`` tensor.
+
+    Attributes:
+        name: Canonical name of the weight.
+        module: Canonical name of the module whose output was measured.
+        iterations: Forward passes made for this weight.
+        output_std: Standard deviation of the module's output after the last
+            rescaling.
+        converged: True if the output std ended within ``tol`` of the target.
+    """
+
+    name: str
+    module: str
+    iterations: int
+    output_std: float
+    converged: bool
+
+
 @dataclass
 class Report:
     """Record of one ``apply`` run on a model.
@@ -85,6 +137,10 @@ class Report:
         unmatched: Canonical names of parameters no rule matched.
         skipped: Matched tensors not written (zero elements).
         untouched_buffers: Canonical names of buffers no rule targets.
+        failures: Checks that failed, in the order they ran.
+        probe: The forward-pass probe, when one ran.
+        lsuv: The data-dependent pass of each ``lsuv`` tensor, in forward order.
+        checked: True if the checks ran (the policy may turn them off).
     """
 
     policy_name: str
@@ -94,6 +150,20 @@ class Report:
     unmatched: list[str] = field(default_factory=list)
     skipped: list[Skipped] = field(default_factory=list)
     untouched_buffers: list[str] = field(default_factory=list)
+    failures: list[CheckFailure] = field(default_factory=list)
+    probe: ProbeReport | None = None
+    lsuv: list[LsuvResult] = field(default_factory=list)
+    checked: bool = False
+
+    @property
+    def ok(self) -> bool:
+        """True if no check failed."""
+        return not self.failures
+
+    def raise_for_failures(self) -> None:
+        """Raise a :class:`CheckError` carrying this report if any check failed."""
+        if self.failures:
+            raise CheckError(self)
 
     def row(self, name: str) -> Row:
         """Return the row of a tensor by its canonical name or one of its aliases.
@@ -126,18 +196,50 @@ class Report:
         ``"nan"``, ``"inf"`` and ``"-inf"``, since strict JSON has no such numbers.
         """
         data = asdict(self)
+        data["probe"] = self.probe.to_dict() if self.probe is not None else None
+        for failure in data["failures"]:
+            for key in ("measured", "expected"):
+                failure[key] = _json_number(failure[key])
+            if failure["allowed"] is not None:
+                failure["allowed"] = [_json_number(v) for v in failure["allowed"]]
         for row in data["rows"]:
             row["shape"] = list(row["shape"])
             row["aliases"] = list(row["aliases"])
             for key in ("mean", "std", "min", "max"):
-                value = row[key]
-                if value is not None and not math.isfinite(value):
-                    row[key] = str(value)
+                row[key] = _json_number(row[key])
         data["summary"] = self.summary
         return data
 
+    def to_json(self, path: str | os.PathLike[str] | None = None) -> str:
+        """Return the report as JSON text, and write it to ``path`` when given."""
+        text = json.dumps(self.to_dict(), indent=2) + "\n"
+        if path is not None:
+            with open(path, "w", encoding="utf-8") as file:
+                file.write(text)
+        return text
+
+    def to_markdown(self) -> str:
+        """Return the report as Markdown: a summary, a table and every failure."""
+        return _format_markdown(self)
+
+    def plot(self, path: str | os.PathLike[str]) -> None:
+        """Write a PNG of measured against expected std (and the probe, if run).
+
+        Raises:
+            ImportError: matplotlib is missing; install ``initrules[plot]``.
+        """
+        from initrules.plot import plot_report
+
+        plot_report(self, path)
+
     def __str__(self) -> str:
         return _format_report(self)
+
+
+def _json_number(value: float | None) -> float | str | None:
+    if value is not None and not math.isfinite(value):
+        return str(value)
+    return value
 
 
 def format_shape(shape: Sequence[int]) -> str:
@@ -159,6 +261,89 @@ def _policy_text(report: Report) -> str:
     return f"{report.policy_name} ({report.policy_path})"
 
 
+def _summary_text(report: Report) -> str:
+    counts = report.summary
+    return (
+        f"{counts['initialized']} tensors initialized "
+        f"({counts['elements']:,} elements), {counts['kept']} kept, "
+        f"{counts['unmatched']} unmatched, {counts['skipped']} skipped, "
+        f"{counts['untouched_buffers']} buffers untouched"
+    )
+
+
+def _rule_text(row: Row) -> str:
+    rule = row.rule_name or f"#{row.rule_index + 1}"
+    if row.rule_location:
+        line = row.rule_location.rsplit(":", 2)[-2]
+        rule = f"{rule} (line {line})"
+    return rule
+
+
+def _scheme_text(row: Row) -> str:
+    return row.scheme + (f"({_format_args(row.args)})" if row.args else "")
+
+
+def _markdown_cell(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def _verdict(report: Report) -> str:
+    if report.failures:
+        return f"{len(report.failures)} check(s) failed"
+    if report.checked:
+        return "all checks passed"
+    return "checks did not run"
+
+
+def _format_markdown(report: Report) -> str:
+    lines = [
+        f"# initrules report: {_markdown_cell(_policy_text(report))}",
+        "",
+        f"Seed {report.seed}. {_summary_text(report)}; {_verdict(report)}.",
+        "",
+        "| tensor | shape | module | rule | scheme | mean | std | expected std |",
+        "|---|---|---|---|---|---:|---:|---:|",
+    ]
+    for row in report.rows:
+        cells = (
+            f"`{row.name}`",
+            format_shape(row.shape),
+            row.module_type,
+            _rule_text(row),
+            _scheme_text(row),
+            _format_number(row.mean),
+            _format_number(row.std),
+            _format_number(row.expected_std),
+        )
+        lines.append("| " + " | ".join(_markdown_cell(cell) for cell in cells) + " |")
+    sections = [
+        ("Failed checks", [failure.message for failure in report.failures]),
+        ("Unmatched parameters", [f"`{name}`" for name in report.unmatched]),
+        (
+            "Skipped",
+            [f"`{skipped.name}`: {skipped.reason}" for skipped in report.skipped],
+        ),
+        (
+            "LSUV",
+            [
+                f"`{result.name}`: output std {result.output_std:.4g} after "
+                f"{result.iterations} pass(es)"
+                for result in report.lsuv
+            ],
+        ),
+    ]
+    if report.probe is not None:
+        probe = report.probe
+        probe_lines = [f"{len(probe.records)} leaf module calls recorded"]
+        probe_lines += [flag.message for flag in probe.flags]
+        sections.append(("Forward-pass probe", probe_lines))
+    for title, items in sections:
+        if items:
+            lines += ["", f"## {title}", ""]
+            lines += [f"- {_markdown_cell(item)}" for item in items]
+    return "\n".join(lines) + "\n"
+
+
 def _format_report(report: Report) -> str:
     header = (
         "tensor",
@@ -174,11 +359,8 @@ def _format_report(report: Report) -> str:
     )
     lines: list[tuple[str, ...]] = [header]
     for row in report.rows:
-        rule = row.rule_name or f"#{row.rule_index + 1}"
-        if row.rule_location:
-            line = row.rule_location.rsplit(":", 2)[-2]
-            rule = f"{rule} (line {line})"
-        scheme = row.scheme + (f"({_format_args(row.args)})" if row.args else "")
+        rule = _rule_text(row)
+        scheme = _scheme_text(row)
         name = row.name + (f" (= {', '.join(row.aliases)})" if row.aliases else "")
         lines.append(
             (
@@ -201,19 +383,24 @@ def _format_report(report: Report) -> str:
         ).rstrip()
         for line in lines
     ]
-    counts = report.summary
     parts = [
         f"initrules: policy {_policy_text(report)}, seed {report.seed}",
         *table,
-        (
-            f"{counts['initialized']} tensors initialized "
-            f"({counts['elements']:,} elements), {counts['kept']} kept, "
-            f"{counts['unmatched']} unmatched, {counts['skipped']} skipped, "
-            f"{counts['untouched_buffers']} buffers untouched"
-        ),
+        _summary_text(report),
     ]
     if report.unmatched:
         parts.append("unmatched: " + ", ".join(report.unmatched))
     for skipped in report.skipped:
         parts.append(f"skipped: {skipped.name} ({skipped.reason})")
+    for result in report.lsuv:
+        state = "converged" if result.converged else "did not converge"
+        parts.append(
+            f"lsuv: {result.name}: output std {result.output_std:.4g} after "
+            f"{result.iterations} pass(es), {state}"
+        )
+    if report.failures:
+        parts.append(f"{_verdict(report)}:")
+        parts.extend(f"  {failure.message}" for failure in report.failures)
+    else:
+        parts.append(_verdict(report))
     return "\n".join(parts)

@@ -16,6 +16,7 @@ import regex
 from pydantic import (
     BaseModel,
     ConfigDict,
+    Field,
     GetJsonSchemaHandler,
     PrivateAttr,
     ValidationError,
@@ -29,7 +30,16 @@ from initrules.errors import SourceLocation
 from initrules.globs import GlobError, compile_glob
 from initrules.schemes import SchemeArgs, get_scheme, scheme_names
 
-__all__ = ["InitSpec", "Match", "Policy", "Rule", "policy_json_schema"]
+__all__ = [
+    "Checks",
+    "Expect",
+    "InitSpec",
+    "Match",
+    "Policy",
+    "Rule",
+    "RuleChecks",
+    "policy_json_schema",
+]
 
 DTypeName = Literal[
     "float16",
@@ -245,6 +255,106 @@ def _error_at(field: str, kind: str, message: str, value: Any) -> ValidationErro
     return ValidationError.from_exception_data("InitSpec", [details])
 
 
+def _check_range(value: list[float] | None, what: str) -> list[float] | None:
+    if value is None:
+        return None
+    if len(value) != 2 or value[0] > value[1]:
+        raise ValueError(f"{what} must be [low, high] with low <= high, got {value}")
+    return value
+
+
+class Expect(_Strict):
+    """Bounds a rule's tensors must meet, measured after init.
+
+    A rule with ``expect`` declares the scale it means, so the plausible-scale
+    check (which compares with sqrt(2 / fan_in)) does not apply to it.
+
+    Attributes:
+        mean: ``[low, high]`` for the mean of each tensor.
+        std: ``[low, high]`` for the standard deviation of each tensor.
+        max_abs: Largest magnitude any element may have.
+    """
+
+    mean: list[float] | None = None
+    std: list[float] | None = None
+    max_abs: float | None = Field(default=None, ge=0.0)
+
+    @field_validator("mean")
+    @classmethod
+    def _mean_range(cls, value: list[float] | None) -> list[float] | None:
+        return _check_range(value, "mean")
+
+    @field_validator("std")
+    @classmethod
+    def _std_range(cls, value: list[float] | None) -> list[float] | None:
+        value = _check_range(value, "std")
+        if value is not None and value[0] < 0:
+            raise ValueError(f"std bounds cannot be negative, got {value}")
+        return value
+
+
+class RuleChecks(_Strict):
+    """Per-rule switches that override the policy's ``checks`` section.
+
+    Attributes:
+        finite: Check that no value is NaN or Inf.
+        statistics: Compare the measured mean and std with the scheme's.
+        scale: Compare the std with sqrt(2 / fan_in) of the owning module.
+        bounds: Check bounded draws for values outside or piled on a bound.
+    """
+
+    finite: bool | None = None
+    statistics: bool | None = None
+    scale: bool | None = None
+    bounds: bool | None = None
+
+
+class Checks(_Strict):
+    """Which checks run on the initialized tensors, and what a failure does.
+
+    Attributes:
+        enabled: Run checks at all; false turns every check off.
+        on_failure: ``raise`` a CheckError with the report attached, or
+            ``warn`` with an InitRulesWarning and return the report.
+        finite: Check that no value is NaN or Inf.
+        statistics: Compare each tensor's measured mean and std with what
+            its scheme's arguments imply, within ``tolerance`` standard errors.
+        scale: Flag random weights of linear maps whose std is more than
+            ``scale_range[1]`` times above or ``1 / scale_range[0]`` times
+            below sqrt(2 / fan_in), or whose mean exceeds their std.
+        bounds: Flag bounded draws (uniform, truncated normal) with values
+            outside their bounds, or more values on a bound than rounding
+            explains.
+        ties: Check that tied tensors are still one tensor after init.
+        tolerance: Width of the statistics check, in standard errors of the
+            measured mean and std for the tensor's number of elements.
+        scale_range: ``[low, high]`` multiples of sqrt(2 / fan_in) that the
+            scale check accepts.
+        growth_limit: A forward-pass probe flags a family of repeated layers
+            whose output std changes by more than this factor across depth.
+    """
+
+    enabled: bool = True
+    on_failure: Literal["raise", "warn"] = "raise"
+    finite: bool = True
+    statistics: bool = True
+    scale: bool = True
+    bounds: bool = True
+    ties: bool = True
+    tolerance: float = Field(default=6.0, gt=0.0)
+    scale_range: list[float] = [0.01, 3.0]
+    growth_limit: float = Field(default=10.0, gt=1.0)
+
+    @field_validator("scale_range")
+    @classmethod
+    def _scale_range(cls, value: list[float]) -> list[float]:
+        checked = _check_range(value, "scale_range")
+        assert checked is not None
+        if checked[0] <= 0:
+            raise ValueError(f"scale_range bounds must be positive, got {value}")
+        return checked
+
+
 class Rule(_Strict):
     """One rule: which tensors it selects and how it initializes them.
 
@@ -254,6 +364,10 @@ class Rule(_Strict):
         init: The scheme and its arguments.
         zero_padding_idx: After a random scheme on an embedding with a
             ``padding_idx``, set that row to zero (as ``nn.Embedding`` does).
+        checks: Switches for this rule's tensors that override the policy's
+            ``checks`` section.
+        expect: Bounds this rule's tensors must meet; a rule with ``expect``
+            is exempt from the plausible-scale check.
         lint_ignore: Lint codes silenced on this rule, each with the reason.
     """
 
@@ -265,6 +379,8 @@ class Rule(_Strict):
     match: Match
     init: InitSpec
     zero_padding_idx: bool = True
+    checks: RuleChecks = RuleChecks()
+    expect: Expect | None = None
     lint_ignore: dict[str, str | None] = {}
 
     _location: SourceLocation | None = PrivateAttr(default=None)
@@ -297,6 +413,8 @@ class Policy(_Strict):
         on_unmatched: What to do with parameters that no rule matches:
             ``error`` (raise before writing), ``warn`` or ``keep``.
         rules: Rules in priority order: the first whose predicates hold wins.
+        checks: Which checks run on the initialized tensors, and what a
+            failure does.
         lint_ignore: Lint codes silenced for the whole file, each with the reason.
     """
 
@@ -305,6 +423,7 @@ class Policy(_Strict):
     description: str | None = None
     on_unmatched: Literal["error", "warn", "keep"] = "error"
     rules: list[Rule]
+    checks: Checks = Checks()
     lint_ignore: dict[str, str | None] = {}
 
     _path: str = PrivateAttr(default="<text>")
@@ -321,7 +440,13 @@ def policy_json_schema() -> dict[str, Any]:
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     schema["title"] = "initrules policy"
     _describe_from_docstring(schema, Policy)
-    for name, model in (("Match", Match), ("Rule", Rule)):
+    for name, model in (
+        ("Match", Match),
+        ("Rule", Rule),
+        ("Checks", Checks),
+        ("RuleChecks", RuleChecks),
+        ("Expect", Expect),
+    ):
         _describe_from_docstring(schema["$defs"][name], model)
     match_properties = schema["$defs"]["Match"]["properties"]
     for field_name in ("module", "within", "ndim", "dtype"):

@@ -13,10 +13,10 @@ import contextlib
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 from torch import nn
 
 __all__ = [
@@ -50,7 +50,7 @@ _NORMAL_REACH = 6.0
 
 # Standard deviation of a standard normal truncated to [-2, 2], which JAX's
 # variance_scaling divides by so that the truncated draw keeps its variance.
-_TRUNCATED_NORMAL_STD = 0.87962566103423978
+TRUNCATED_NORMAL_STD = 0.87962566103423978
 
 
 class SchemeArgs(BaseModel):
@@ -102,6 +102,8 @@ class Scheme:
         max_abs: Returns the largest magnitude the scheme writes for a shape
             (for normal draws, six standard deviations past the mean), so that
             values the dtype cannot hold are rejected before writing.
+        needs_data: True if the engine finishes the scheme with forward passes
+            over a batch of data after every other tensor is written (``lsuv``).
     """
 
     name: str
@@ -114,6 +116,7 @@ class Scheme:
     writes: bool = True
     check_args: ArgsCheck | None = None
     max_abs: MaxAbs | None = None
+    needs_data: bool = False
 
     def check(
         self, shape: tuple[int, ...], dtype: torch.dtype, args: SchemeArgs | None = None
@@ -399,7 +402,7 @@ def _fill_variance_scaling(
     }[args.mode]
     variance = args.scale / max(1.0, denominator)
     if args.distribution == "truncated_normal":
-        std = math.sqrt(variance) / _TRUNCATED_NORMAL_STD
+        std = math.sqrt(variance) / TRUNCATED_NORMAL_STD
         nn.init.trunc_normal_(
             tensor, 0.0, std, -2 * std, 2 * std, generator=ctx.generator
         )
@@ -414,13 +417,15 @@ class LecunNormalArgs(SchemeArgs):
     """``lecun_normal`` takes no arguments: variance 1/fan_in, truncated normal."""
 
 
-_LECUN = VarianceScalingArgs(scale=1.0, mode="fan_in", distribution="truncated_normal")
+LECUN_ARGS = VarianceScalingArgs(
+    scale=1.0, mode="fan_in", distribution="truncated_normal"
+)
 
 
 def _fill_lecun_normal(
     tensor: torch.Tensor, args: SchemeArgs, ctx: FillContext
 ) -> None:
-    _fill_variance_scaling(tensor, _LECUN, ctx)
+    _fill_variance_scaling(tensor, LECUN_ARGS, ctx)
 
 
 def _fill_keep(tensor: torch.Tensor, args: SchemeArgs, ctx: FillContext) -> None:
@@ -548,7 +553,73 @@ def _max_abs_variance_scaling(shape: tuple[int, ...], args: SchemeArgs) -> float
 
 
 def _max_abs_lecun_normal(shape: tuple[int, ...], args: SchemeArgs) -> float:
-    return _max_abs_variance_scaling(shape, _LECUN)
+    return _max_abs_variance_scaling(shape, LECUN_ARGS)
+
+
+class LsuvArgs(SchemeArgs):
+    """Arguments of ``lsuv`` (layer-sequential unit-variance init).
+
+    The weight is first drawn by the ``base`` scheme; then, with a batch of
+    data, it is rescaled until its module's output std is within ``tol`` of
+    ``target_std``, making at most ``max_iter`` forward passes.
+
+    Attributes:
+        base: The scheme of the first draw: a name (``orthogonal``) or a
+            mapping with ``scheme`` and its arguments.
+        target_std: The output standard deviation to reach.
+        tol: Accepted distance of the output std from ``target_std``.
+        max_iter: Most forward passes for one weight.
+    """
+
+    base: str | dict[str, Any] = "orthogonal"
+    target_std: float = Field(1.0, gt=0.0)
+    tol: float = Field(0.1, gt=0.0)
+    max_iter: int = Field(10, ge=1)
+
+    _base_scheme: Scheme = PrivateAttr()
+    _base_args: SchemeArgs = PrivateAttr()
+
+    @model_validator(mode="after")
+    def _resolve_base(self) -> LsuvArgs:
+        spec = {"scheme": self.base} if isinstance(self.base, str) else dict(self.base)
+        name = spec.pop("scheme", None)
+        if not isinstance(name, str):
+            raise ValueError("base needs a 'scheme' name, such as orthogonal")
+        if name not in _REGISTRY:
+            raise ValueError(
+                f"unknown base scheme {name!r}; valid schemes: "
+                f"{', '.join(scheme_names())}"
+            )
+        scheme = _REGISTRY[name]
+        if scheme.needs_data or not scheme.writes:
+            raise ValueError(f"base scheme {name!r} cannot start an lsuv draw")
+        self._base_scheme = scheme
+        self._base_args = scheme.args_model.model_validate(spec)
+        return self
+
+    @property
+    def base_scheme(self) -> Scheme:
+        """The resolved scheme of the first draw."""
+        return self._base_scheme
+
+    @property
+    def base_args(self) -> SchemeArgs:
+        """The validated arguments of the first draw."""
+        return self._base_args
+
+
+def _fill_lsuv(tensor: torch.Tensor, args: SchemeArgs, ctx: FillContext) -> None:
+    # Only the first draw; the engine rescales with data afterwards.
+    assert isinstance(args, LsuvArgs)
+    args.base_scheme.fill(tensor, args.base_args, ctx)
+
+
+def _check_lsuv(
+    shape: tuple[int, ...], dtype: torch.dtype, args: SchemeArgs
+) -> str | None:
+    assert isinstance(args, LsuvArgs)
+    reason = args.base_scheme.check(shape, dtype, args.base_args)
+    return None if reason is None else f"its base scheme cannot: {reason}"
 
 
 def _register_builtins() -> None:
@@ -660,6 +731,15 @@ def _register_builtins() -> None:
         ),
         Scheme("keep", NoArgs, _fill_keep, random=False, writes=False),
         Scheme("default", NoArgs, _fill_default, random=True, needs_module_reset=True),
+        Scheme(
+            "lsuv",
+            LsuvArgs,
+            _fill_lsuv,
+            random=True,
+            min_ndim=2,
+            check_args=_check_lsuv,
+            needs_data=True,
+        ),
     ]
     for scheme in builtins:
         register_scheme(scheme)

@@ -787,10 +787,11 @@ def test_apply_saves_loadable_state_dict(runs: Runs, workspace: Path) -> None:
     assert result.returncode == 0, result.stderr
     out = result.stdout.splitlines()
     assert out[0] == "initrules: policy gpt2 (gpt2.yaml), seed 0"
-    assert out[-2] == (
+    assert out[-3] == (
         "28 tensors initialized (2,144 elements), 0 kept, 0 unmatched, 0 skipped, "
         "0 buffers untouched"
     )
+    assert out[-2] == "all checks passed"
     assert out[-1] == "saved the state dict to state.pt"
 
     state = torch.load(workspace / "state.pt", weights_only=True)

@@ -75,7 +75,7 @@ BAD_TEXT = [
     (
         "unknown-top-level-key",
         "rule:\n  - match: {}\n    init: zeros\n",
-        "1:1: unknown key 'rule' in the policy; valid keys: description, "
+        "1:1: unknown key 'rule' in the policy; valid keys: checks, description, "
         "lint_ignore, name, on_unmatched, rules, version (and 1 more error)",
     ),
     (
@@ -94,7 +94,7 @@ BAD_TEXT = [
         "rules:\n  - match: {param: weight}\n    init: {scheme: kaiming}\n",
         "3:20: 'init.scheme' of rule 1: unknown scheme 'kaiming'; valid schemes: "
         "constant, default, dirac, eye, kaiming_normal, kaiming_uniform, keep, "
-        "lecun_normal, normal, ones, orthogonal, sparse, trunc_normal, uniform, "
+        "lecun_normal, lsuv, normal, ones, orthogonal, sparse, trunc_normal, uniform, "
         "variance_scaling, xavier_normal, xavier_uniform, zeros",
     ),
     (
@@ -102,7 +102,7 @@ BAD_TEXT = [
         "rules:\n  - match: {param: weight}\n    init: zero\n",
         "3:11: 'init.scheme' of rule 1: unknown scheme 'zero'; valid schemes: "
         "constant, default, dirac, eye, kaiming_normal, kaiming_uniform, keep, "
-        "lecun_normal, normal, ones, orthogonal, sparse, trunc_normal, uniform, "
+        "lecun_normal, lsuv, normal, ones, orthogonal, sparse, trunc_normal, uniform, "
         "variance_scaling, xavier_normal, xavier_uniform, zeros",
     ),
     (

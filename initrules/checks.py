@@ -1,0 +1,577 @@
+"""Checks of initialized tensors: finite values, statistics, scale, bounds, ties.
+
+Checks run in two places. Before anything is written, :func:`plan_failures`
+judges each rule's arguments alone: a std far from sqrt(2 / fan_in) on a
+linear map, or arguments that already break the rule's ``expect`` bounds.
+A policy that is wrong on its face therefore writes nothing. After writing
+(or on a model initialized elsewhere), :func:`tensor_failures` and
+:func:`tie_failures` judge the values themselves.
+
+The statistics check compares the measured mean and std with the values the
+scheme implies. For n independent draws with std ``s`` and kurtosis ``k``,
+the standard error of the mean is ``s / sqrt(n)`` and that of the std is
+about ``s * sqrt((k - 1) / (4 n))``. The check accepts ``tolerance`` of those
+(6 by default, so a correct init fails about once in 5e8 comparisons), plus
+a few units of the dtype's precision for rounding.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from initrules.expected import ExpectedStats, expected_stats
+from initrules.fans import true_fan_in
+from initrules.planner import Plan, PlannedTensor, TensorEntry, walk_modules
+from initrules.report import CheckFailure
+from initrules.schema import Checks, Rule
+
+__all__ = [
+    "Measured",
+    "Switches",
+    "expected_for",
+    "measure",
+    "plan_failures",
+    "switches_for",
+    "tensor_failures",
+    "tie_failures",
+]
+
+# Units of the dtype's machine epsilon added to every statistics tolerance,
+# for the rounding of each value to the dtype and of the reductions.
+_ROUNDING_UNITS = 4.0
+
+# A few values on a bound are always accepted, whatever the rounding says.
+_BOUND_SLACK = 2
+
+
+@dataclass(frozen=True)
+class Measured:
+    """Statistics of a tensor's values, taken in float32 or wider."""
+
+    mean: float
+    std: float
+    min: float
+    max: float
+
+    @property
+    def finite(self) -> bool:
+        """True if no statistic is NaN or Inf, so no value is either."""
+        return all(math.isfinite(v) for v in (self.mean, self.std, self.min, self.max))
+
+
+def measure(tensor: torch.Tensor) -> Measured | None:
+    """Return the mean, std (with Bessel's correction), min and max of a tensor.
+
+    ``None`` for tensors without a real order: empty, boolean or complex. A
+    NaN anywhere makes the mean NaN and an Inf makes a bound infinite, so
+    :attr:`Measured.finite` tells whether every value is finite.
+    """
+    if tensor.numel() == 0 or tensor.dtype == torch.bool or tensor.is_complex():
+        return None
+    values = tensor.detach()
+    # Integer and narrow float dtypes (float16, bfloat16, float8) have no or
+    # imprecise reduction kernels, so their statistics are taken in float32.
+    if not values.is_floating_point() or values.dtype.itemsize < 4:
+        values = values.float()
+    if values.numel() == 1:
+        value = float(values.reshape(()))
+        return Measured(value, 0.0, value, value)
+    std, mean = torch.std_mean(values)
+    low, high = torch.aminmax(values)
+    return Measured(float(mean), float(std), float(low), float(high))
+
+
+@dataclass(frozen=True)
+class Switches:
+    """Which per-tensor checks apply to one rule's tensors."""
+
+    finite: bool
+    statistics: bool
+    scale: bool
+    bounds: bool
+
+
+def switches_for(checks: Checks, rule: Rule) -> Switches:
+    """Combine the policy's ``checks`` section with a rule's overrides.
+
+    A rule with ``expect`` is exempt from the scale check, since its bounds
+    state the scale it means.
+    """
+
+    def pick(override: bool | None, default: bool) -> bool:
+        return checks.enabled and (default if override is None else override)
+
+    overrides = rule.checks
+    return Switches(
+        finite=pick(overrides.finite, checks.finite),
+        statistics=pick(overrides.statistics, checks.statistics),
+        scale=pick(overrides.scale, checks.scale) and rule.expect is None,
+        bounds=pick(overrides.bounds, checks.bounds),
+    )
+
+
+def expected_for(item: PlannedTensor, zeroed_rows: int = 0) -> ExpectedStats | None:
+    """Return what a planned tensor should hold after its scheme ran.
+
+    Args:
+        item: The planned tensor.
+        zeroed_rows: Rows of dim 0 set to zero after the draw (an
+            embedding's padding row), which shift the mean and std.
+    """
+    shape = tuple(item.entry.tensor.shape)
+    expected = expected_stats(item.scheme.name, shape, item.match.rule.init.args)
+    if expected is None or zeroed_rows == 0:
+        return expected
+    zeroed = zeroed_rows / shape[0]
+    kept = 1 - zeroed
+    mean = kept * expected.mean
+    second_moment = kept * (expected.std**2 + expected.mean**2)
+    support = expected.support
+    if support is not None and not support[0] <= 0 <= support[1]:
+        support = None
+    return ExpectedStats(
+        mean,
+        math.sqrt(max(second_moment - mean**2, 0.0)),
+        expected.kurtosis / kept if kept > 0 else expected.kurtosis,
+        support,
+        expected.edge_density,
+    )
+
+
+def _failure(
+    check: str,
+    name: str,
+    text: str,
+    rule: str | None,
+    *,
+    measured: float | None = None,
+    expected: float | None = None,
+    allowed: tuple[float, float] | None = None,
+) -> CheckFailure:
+    where = f" ({rule})" if rule else ""
+    return CheckFailure(
+        check=check,
+        tensor=name,
+        message=f"{check}: {name!r}{where}: {text}",
+        measured=measured,
+        expected=expected,
+        allowed=allowed,
+        rule=rule,
+    )
+
+
+def _rule_label(item: PlannedTensor) -> str:
+    return item.match.rule.label(item.match.rule_index)
+
+
+def _feeds_linear_map(entry: TensorEntry) -> int | None:
+    """Return the true fan_in of a linear map's weight, or ``None``.
+
+    A tensor tied to an embedding is an embedding table first, so it is not
+    judged by the fan_in of the head that shares it.
+    """
+    owners = [entry.module, *entry.alias_modules]
+    if any(isinstance(owner, (nn.Embedding, nn.EmbeddingBag)) for owner in owners):
+        return None
+    return true_fan_in(entry.module, entry.info.local_name, tuple(entry.tensor.shape))
+
+
+def _scale_failures(
+    item: PlannedTensor,
+    checks: Checks,
+    mean: float,
+    std: float,
+    source: str,
+) -> list[CheckFailure]:
+    """Judge a std and mean against sqrt(2 / fan_in) of the owning module.
+
+    ``source`` says where the numbers come from ("the arguments imply" or
+    "measured"), for the message.
+    """
+    fan_in = _feeds_linear_map(item.entry)
+    if fan_in is None:
+        return []
+    name = item.entry.name
+    rule = _rule_label(item)
+    reference = math.sqrt(2.0 / fan_in)
+    low, high = checks.scale_range
+    ratio = std / reference
+    failures = []
+    hint = (
+        "if this is intended, state it in the rule with 'expect: {mean: [low, high], "
+        "std: [low, high]}', or turn the check off with 'checks: {scale: false}'"
+    )
+    if not low <= ratio <= high:
+        side = "above" if ratio > high else "below"
+        failures.append(
+            _failure(
+                "scale",
+                name,
+                f"std {std:.4g} ({source}) is {ratio:.3g}x sqrt(2/fan_in) = "
+                f"{reference:.4g} for fan_in {fan_in} of "
+                f"{type(item.entry.module).__name__}, {side} the accepted "
+                f"{low:g}x to {high:g}x; {hint}",
+                rule,
+                measured=std,
+                expected=reference,
+                allowed=(low * reference, high * reference),
+            )
+        )
+    if abs(mean) > std:
+        failures.append(
+            _failure(
+                "scale",
+                name,
+                f"mean {mean:.4g} ({source}) exceeds the std {std:.4g}, so the "
+                f"weights of this {type(item.entry.module).__name__} are far from "
+                f"zero-centered; {hint}",
+                rule,
+                measured=mean,
+                expected=0.0,
+                allowed=(-std, std),
+            )
+        )
+    return failures
+
+
+def _range_text(bounds: tuple[float, float]) -> str:
+    return f"[{bounds[0]:.4g}, {bounds[1]:.4g}]"
+
+
+def _expect_failures(
+    item: PlannedTensor, mean: float, std: float, max_abs: float | None, source: str
+) -> list[CheckFailure]:
+    expect = item.match.rule.expect
+    if expect is None:
+        return []
+    name = item.entry.name
+    rule = _rule_label(item)
+    failures = []
+    for quantity, value, bounds in (
+        ("mean", mean, expect.mean),
+        ("std", std, expect.std),
+    ):
+        if bounds is None:
+            continue
+        low, high = bounds
+        if not low <= value <= high:
+            failures.append(
+                _failure(
+                    "expect",
+                    name,
+                    f"{quantity} {value:.4g} ({source}) is outside the rule's "
+                    f"expected {_range_text((low, high))}",
+                    rule,
+                    measured=value,
+                    allowed=(low, high),
+                )
+            )
+    if expect.max_abs is not None and max_abs is not None and max_abs > expect.max_abs:
+        failures.append(
+            _failure(
+                "expect",
+                name,
+                f"largest magnitude {max_abs:.4g} ({source}) exceeds the rule's "
+                f"max_abs {expect.max_abs:.4g}",
+                rule,
+                measured=max_abs,
+                allowed=(0.0, expect.max_abs),
+            )
+        )
+    return failures
+
+
+def plan_failures(plan: Plan) -> list[CheckFailure]:
+    """Return the checks that the rules' arguments fail before anything is written.
+
+    Covers the plausible-scale check of random schemes with known statistics
+    and the ``expect`` bounds that the arguments alone already break.
+    """
+    checks = plan.policy.checks
+    if not checks.enabled:
+        return []
+    failures: list[CheckFailure] = []
+    for item in plan.planned:
+        expected = expected_for(item)
+        if expected is None:
+            continue
+        source = "the arguments imply"
+        switches = switches_for(checks, item.match.rule)
+        if switches.scale and item.scheme.random and item.entry.tensor.dim() >= 2:
+            failures += _scale_failures(
+                item, checks, expected.mean, expected.std, source
+            )
+        reach = None
+        if expected.support is not None:
+            reach = max(abs(expected.support[0]), abs(expected.support[1]))
+        elif expected.std == 0:
+            reach = abs(expected.mean)
+        failures += _expect_failures(item, expected.mean, expected.std, reach, source)
+    return failures
+
+
+def _round_to(value: float, dtype: torch.dtype) -> float:
+    """Return ``value`` as the tensor's dtype stores it."""
+    if not dtype.is_floating_point:
+        return value
+    return float(torch.tensor(value, dtype=torch.float64).to(dtype))
+
+
+def _epsilon(dtype: torch.dtype) -> float:
+    if dtype.is_floating_point:
+        return float(torch.finfo(dtype).eps)
+    return 0.0
+
+
+def _half_spacing(value: float, dtype: torch.dtype) -> float:
+    """Return half the gap between floats of ``dtype`` near ``value``.
+
+    Draws within this distance below a bound can round onto it.
+    """
+    info = torch.finfo(dtype)
+    if value == 0:
+        return float(info.tiny)
+    return float(info.eps) * 2.0 ** math.floor(math.log2(abs(value))) / 2
+
+
+def _statistics_failures(
+    item: PlannedTensor, measured: Measured, expected: ExpectedStats, tolerance: float
+) -> list[CheckFailure]:
+    tensor = item.entry.tensor
+    numel = tensor.numel()
+    name = item.entry.name
+    rule = _rule_label(item)
+    scheme = item.scheme.name
+    if expected.std == 0:
+        target = _round_to(expected.mean, tensor.dtype)
+        if measured.min == target and measured.max == target:
+            return []
+        return [
+            _failure(
+                "statistics",
+                name,
+                f"{scheme} should set every value to {target:.6g}, but the values "
+                f"range over {_range_text((measured.min, measured.max))}",
+                rule,
+                measured=measured.max if measured.max != target else measured.min,
+                expected=target,
+            )
+        ]
+    rounding = _ROUNDING_UNITS * _epsilon(tensor.dtype)
+    scale = abs(expected.mean) + expected.std
+    failures = []
+    mean_margin = tolerance * expected.std / math.sqrt(numel) + rounding * scale
+    if abs(measured.mean - expected.mean) > mean_margin:
+        failures.append(
+            _failure(
+                "statistics",
+                name,
+                f"mean {measured.mean:.4g}, but {scheme} gives {expected.mean:.4g} "
+                f"(accepted within {mean_margin:.2g} for {numel} values)",
+                rule,
+                measured=measured.mean,
+                expected=expected.mean,
+                allowed=(expected.mean - mean_margin, expected.mean + mean_margin),
+            )
+        )
+    if numel < 2:
+        return failures
+    spread = math.sqrt(max(expected.kurtosis - 1, 0.1) / (4 * numel))
+    std_margin = tolerance * expected.std * spread + rounding * scale
+    if abs(measured.std - expected.std) > std_margin:
+        failures.append(
+            _failure(
+                "statistics",
+                name,
+                f"std {measured.std:.4g}, but {scheme} gives {expected.std:.4g} "
+                f"(accepted within {std_margin:.2g} for {numel} values)",
+                rule,
+                measured=measured.std,
+                expected=expected.std,
+                allowed=(expected.std - std_margin, expected.std + std_margin),
+            )
+        )
+    return failures
+
+
+def _bounds_failures(
+    item: PlannedTensor, measured: Measured, expected: ExpectedStats, tolerance: float
+) -> list[CheckFailure]:
+    if expected.support is None:
+        return []
+    tensor = item.entry.tensor
+    dtype = tensor.dtype
+    name = item.entry.name
+    rule = _rule_label(item)
+    # Rounding is monotone, so every draw inside [a, b] lands inside the
+    # rounded bounds, which may lie just outside [a, b].
+    low, high = (_round_to(bound, dtype) for bound in expected.support)
+    if measured.min < low or measured.max > high:
+        return [
+            _failure(
+                "bounds",
+                name,
+                f"values range over {_range_text((measured.min, measured.max))}, "
+                f"outside the bounds {_range_text((low, high))} of "
+                f"{item.scheme.name}",
+                rule,
+                measured=measured.min if measured.min < low else measured.max,
+                allowed=(low, high),
+            )
+        ]
+    if measured.min > low and measured.max < high:
+        return []
+    on_bounds = int(torch.count_nonzero((tensor == low) | (tensor == high)))
+    numel = tensor.numel()
+    density_low, density_high = expected.edge_density
+    rounded = numel * (
+        density_low * _half_spacing(low, dtype)
+        + density_high * _half_spacing(high, dtype)
+    )
+    limit = rounded + tolerance * math.sqrt(rounded) + _BOUND_SLACK
+    if on_bounds <= limit:
+        return []
+    return [
+        _failure(
+            "bounds",
+            name,
+            f"{on_bounds} of {numel} values ({100 * on_bounds / numel:.3g}%) lie "
+            f"exactly on the bounds {_range_text((low, high))} of "
+            f"{item.scheme.name}, but rounding to {str(dtype).removeprefix('torch.')} "
+            f"explains at most {limit:.0f}; the draw was clamped, not truncated",
+            rule,
+            measured=float(on_bounds),
+            allowed=(0.0, limit),
+        )
+    ]
+
+
+def tensor_failures(
+    item: PlannedTensor,
+    measured: Measured | None,
+    expected: ExpectedStats | None,
+    checks: Checks,
+    *,
+    judge_arguments: bool = False,
+) -> list[CheckFailure]:
+    """Return the checks that a tensor's values fail.
+
+    Args:
+        item: The planned tensor, holding its values now.
+        measured: Its statistics, from :func:`measure`.
+        expected: What its scheme should give, from :func:`expected_for`.
+        checks: The policy's ``checks`` section.
+        judge_arguments: Also run the checks that :func:`plan_failures` runs
+            on the arguments (for a model initialized elsewhere); otherwise
+            the scale check here covers only schemes without known statistics.
+    """
+    switches = switches_for(checks, item.match.rule)
+    if measured is None or (not item.scheme.writes and not judge_arguments):
+        return []
+    name = item.entry.name
+    failures: list[CheckFailure] = []
+    if not measured.finite:
+        if switches.finite:
+            values = item.entry.tensor.detach()
+            bad = int(values.numel() - torch.count_nonzero(torch.isfinite(values)))
+            failures.append(
+                _failure(
+                    "finite",
+                    name,
+                    f"{bad} of {values.numel()} values are NaN or Inf",
+                    _rule_label(item),
+                    measured=float(bad),
+                    expected=0.0,
+                )
+            )
+        return failures
+    if expected is not None:
+        if switches.statistics:
+            failures += _statistics_failures(item, measured, expected, checks.tolerance)
+        if switches.bounds:
+            failures += _bounds_failures(item, measured, expected, checks.tolerance)
+    is_weight = item.scheme.random and item.entry.tensor.dim() >= 2
+    if switches.scale and is_weight and (expected is None or judge_arguments):
+        failures += _scale_failures(
+            item, checks, measured.mean, measured.std, "measured"
+        )
+    max_abs = max(abs(measured.min), abs(measured.max))
+    failures += _expect_failures(item, measured.mean, measured.std, max_abs, "measured")
+    return failures
+
+
+def _current(module: nn.Module, local_name: str, kind: str) -> torch.Tensor | None:
+    store = module._parameters if kind == "parameter" else module._buffers
+    return store.get(local_name)
+
+
+def _declared_ties(model: nn.Module) -> dict[str, str]:
+    """Return the ties a transformers model declares, target name to source name.
+
+    transformers (5.x) lists them in ``all_tied_weights_keys``, which is
+    empty when the config unties the weights. Other models declare none.
+    """
+    declared: dict[str, str] = {}
+    for prefix, module, _ in walk_modules(model):
+        if prefix:
+            break
+        keys = getattr(module, "all_tied_weights_keys", None)
+        if isinstance(keys, dict):
+            declared = {
+                str(target): str(source)
+                for target, source in keys.items()
+                if isinstance(target, str) and isinstance(source, str)
+            }
+    return declared
+
+
+def tie_failures(plan: Plan, model: nn.Module) -> list[CheckFailure]:
+    """Return the ties that no longer hold.
+
+    A tie holds when every alias found before init still names the same
+    tensor, and when the tensors that a transformers model declares tied
+    (``lm_head.weight`` and the input embedding) are one tensor.
+    """
+    if not (plan.policy.checks.enabled and plan.policy.checks.ties):
+        return []
+    entries = [item.entry for item in plan.planned]
+    entries += plan.unmatched
+    entries += [item.entry for item in plan.skipped]
+    failures = []
+    by_name: dict[str, torch.Tensor] = {}
+    for entry in entries:
+        by_name[entry.name] = entry.tensor
+        owners = zip(entry.aliases, entry.alias_modules, entry.alias_infos, strict=True)
+        for alias, module, info in owners:
+            by_name[alias] = entry.tensor
+            if _current(module, info.local_name, info.kind) is not entry.tensor:
+                failures.append(
+                    _failure(
+                        "ties",
+                        alias,
+                        f"is no longer the same tensor as {entry.name!r}, to which "
+                        "it was tied before init",
+                        None,
+                    )
+                )
+    for target, source in _declared_ties(model).items():
+        target_tensor = by_name.get(target)
+        source_tensor = by_name.get(source)
+        if target_tensor is None or source_tensor is None:
+            continue
+        if target_tensor is not source_tensor:
+            failures.append(
+                _failure(
+                    "ties",
+                    target,
+                    f"should be tied to {source!r} (the model declares the tie in "
+                    "all_tied_weights_keys), but is a separate tensor; tie it again, "
+                    "for example with model.tie_weights()",
+                    None,
+                )
+            )
+    return failures
