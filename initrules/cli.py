@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from initrules.engine import apply
-from initrules.errors import InitRulesError, PolicyError
+from initrules.errors import CheckError, InitRulesError, PolicyError
 from initrules.factory import build_model, parse_model_args
 from initrules.formats import FORMATS, render
 from initrules.globs import GlobError, compile_glob
@@ -28,7 +28,7 @@ from initrules.lint import CODES, Finding, lint_path, sort_findings
 from initrules.loader import load_policy
 from initrules.matcher import Matcher
 from initrules.planner import walk_tensors
-from initrules.report import format_shape
+from initrules.report import Report, format_shape
 from initrules.schema import policy_json_schema
 
 __all__ = ["main"]
@@ -146,7 +146,27 @@ def _build_parser() -> argparse.ArgumentParser:
         "--out",
         type=Path,
         metavar="FILE",
-        help="save the state dict to FILE (torch.save; loads with weights_only=True)",
+        help=(
+            "save the state dict to FILE when every check passes (torch.save; "
+            "loads with weights_only=True)"
+        ),
+    )
+    apply_parser.add_argument(
+        "--probe-input",
+        type=_probe_shape,
+        metavar="SHAPE",
+        help=(
+            "run a forward-pass probe after init on a random input: a float "
+            "tensor of this shape (1x3x224x224, standard normal), or token ids "
+            "(ids:1x128, uniform below the model's vocabulary size); both drawn "
+            "with seed 0"
+        ),
+    )
+    apply_parser.add_argument(
+        "--plot",
+        type=Path,
+        metavar="FILE",
+        help="write a PNG of measured against expected std (needs initrules[plot])",
     )
     apply_parser.set_defaults(handler=_run_apply)
 
@@ -340,16 +360,71 @@ def _run_explain(args: argparse.Namespace) -> int:
 # --- apply and schema --------------------------------------------------------------
 
 
+_IDS_PREFIX = "ids:"
+
+
+def _probe_shape(text: str) -> tuple[bool, tuple[int, ...]]:
+    """Parse ``1x3x224x224`` or ``ids:1x128`` into (token ids?, shape)."""
+    ids = text.startswith(_IDS_PREFIX)
+    sizes = text.removeprefix(_IDS_PREFIX).split("x")
+    if not all(size.isascii() and size.isdigit() and int(size) > 0 for size in sizes):
+        raise argparse.ArgumentTypeError(
+            f"invalid shape {text!r}: expected positive sizes joined by 'x', such "
+            "as 1x3x224x224, or ids:1x128 for token ids"
+        )
+    return ids, tuple(int(size) for size in sizes)
+
+
+def _vocabulary_size(model: nn.Module) -> int:
+    config = getattr(model, "config", None)
+    size = getattr(config, "vocab_size", None)
+    if isinstance(size, int) and size > 0:
+        return size
+    for module in model.modules():
+        if isinstance(module, nn.Embedding):
+            return module.num_embeddings
+    raise _UsageError(
+        "--probe-input ids:... needs the model's vocabulary size, but the model "
+        "has no config.vocab_size and no nn.Embedding; give a float shape instead"
+    )
+
+
+def _probe_input(model: nn.Module, spec: tuple[bool, tuple[int, ...]]) -> torch.Tensor:
+    ids, shape = spec
+    generator = torch.Generator().manual_seed(0)
+    if ids:
+        high = _vocabulary_size(model)
+        return torch.randint(0, high, shape, generator=generator)
+    return torch.randn(shape, generator=generator)
+
+
 def _run_apply(args: argparse.Namespace) -> int:
     policy = load_policy(args.policy)
-    if args.out is not None:
-        _check_writable(args.out)
+    for path in (args.out, args.plot):
+        if path is not None:
+            _check_writable(path)
     model = _model(args, device=None)
+    probe_inputs = None
+    if args.probe_input is not None:
+        probe_inputs = _probe_input(model, args.probe_input)
     count = sum(parameter.numel() for parameter in model.parameters())
     if count > _PROGRESS_THRESHOLD:
         print(f"initializing {count:,} parameters ...", file=sys.stderr, flush=True)
-    report = apply(model, policy, seed=args.seed)
+    try:
+        report = apply(model, policy, seed=args.seed, probe_inputs=probe_inputs)
+    except CheckError as error:
+        # The report is the useful output; the exit code says that checks failed.
+        print(error.report)
+        if args.plot is not None:
+            _plot(error.report, args.plot)
+        print(
+            f"initrules apply: {len(error.report.failures)} check(s) failed",
+            file=sys.stderr,
+        )
+        return EXIT_FINDINGS
     print(report)
+    if args.plot is not None:
+        _plot(report, args.plot)
     if args.out is not None:
         try:
             torch.save(model.state_dict(), args.out)
@@ -358,6 +433,14 @@ def _run_apply(args: argparse.Namespace) -> int:
             raise _UsageError(f"cannot write {args.out}: {error}") from None
         print(f"saved the state dict to {args.out}")
     return EXIT_CLEAN
+
+
+def _plot(report: Report, path: Path) -> None:
+    try:
+        report.plot(path)
+    except ImportError as error:
+        raise _UsageError(str(error)) from None
+    print(f"wrote the plot to {path}")
 
 
 def _check_writable(path: Path) -> None:

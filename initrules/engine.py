@@ -108,6 +108,8 @@ def apply(
         UnmatchedTensorsError: Parameters matched no rule under
             ``on_unmatched: error``.
         CheckError: A check failed under ``checks: {on_failure: raise}``.
+        ApplyError: A scheme failed while writing, or the model's forward
+            failed on ``data`` or ``probe_inputs``; tensors were written.
 
     Example:
         >>> import torch, initrules
@@ -127,9 +129,9 @@ def apply(
     _handle_unmatched(plan)
     report = _new_report(plan, seed)
     report.failures += plan_failures(plan)
-    if report.failures:
-        # The arguments alone fail a check: settle before writing anything.
-        _settle(report, resolved.checks.on_failure)
+    if report.failures and resolved.checks.on_failure == "raise":
+        # The arguments alone fail a check, so nothing is written.
+        raise CheckError(report)
     zeroed: dict[int, int] = {}
     with torch.no_grad():
         for written, item in enumerate(plan.planned):
@@ -138,10 +140,18 @@ def apply(
             except Exception as error:
                 raise _write_error(item, written, error) from error
     if any(item.scheme.needs_data for item in plan.planned):
-        report.lsuv = run_lsuv(model, plan, data)
+        try:
+            report.lsuv = run_lsuv(model, plan, data)
+        except Exception as error:
+            raise ApplyError(
+                f"the forward pass over data failed: {type(error).__name__}: "
+                f"{error}; the static schemes have written their tensors, so check "
+                "that data fits the model's forward (shape, dtype, argument names)"
+            ) from error
     _record_rows(report, plan, zeroed)
     report.failures += tie_failures(plan, model)
-    report.failures += lsuv_failures(report.lsuv)
+    if resolved.checks.enabled:
+        report.failures += lsuv_failures(report.lsuv)
     if probe_inputs is not None:
         _run_probe(report, model, probe_inputs, resolved.checks)
     logger.info(
@@ -184,7 +194,7 @@ def check(
     plan = make_plan(model, resolved)
     report = _new_report(plan, None)
     report.failures += plan_failures(plan)
-    _record_rows(report, plan, {}, judge_arguments=True)
+    _record_rows(report, plan, None, judge_arguments=True)
     report.failures += tie_failures(plan, model)
     if probe_inputs is not None:
         _run_probe(report, model, probe_inputs, resolved.checks)
@@ -225,30 +235,60 @@ def _new_report(plan: Plan, seed: int | None) -> Report:
 def _record_rows(
     report: Report,
     plan: Plan,
-    zeroed: dict[int, int],
+    zeroed: dict[int, int] | None,
     *,
     judge_arguments: bool = False,
 ) -> None:
-    """Measure every planned tensor, add its row and its failed checks."""
+    """Measure every planned tensor, add its row and its failed checks.
+
+    ``zeroed`` maps each written tensor to the rows zeroed after its draw;
+    ``None`` means the model was initialized elsewhere, so the rows a policy
+    would zero are assumed zeroed.
+    """
     checks = plan.policy.checks
     for item in plan.planned:
-        zeroed_rows = zeroed.get(id(item.entry.tensor), 0)
+        if zeroed is None:
+            zeroed_rows = 0 if _padding_index(item) is None else 1
+        else:
+            zeroed_rows = zeroed.get(id(item.entry.tensor), 0)
         measured = measure(item.entry.tensor)
         expected = expected_for(item, zeroed_rows)
         report.rows.append(_row(item, measured, expected, zeroed_rows))
         if checks.enabled:
-            report.failures += tensor_failures(
+            found = tensor_failures(
                 item, measured, expected, checks, judge_arguments=judge_arguments
             )
+            _add_failures(report, found)
+
+
+def _add_failures(report: Report, failures: list[CheckFailure]) -> None:
+    """Add failures, leaving out a check already failed for the same tensor.
+
+    A rule whose arguments fail ``scale`` or ``expect`` before writing would
+    otherwise fail again on the measured values.
+    """
+    known = {(failure.check, failure.tensor) for failure in report.failures}
+    report.failures += [
+        failure for failure in failures if (failure.check, failure.tensor) not in known
+    ]
 
 
 def _run_probe(report: Report, model: nn.Module, inputs: Any, checks: Checks) -> None:
-    if isinstance(inputs, tuple):
-        result = probe(model, *inputs)
-    elif isinstance(inputs, dict):
-        result = probe(model, **inputs)
-    else:
-        result = probe(model, inputs)
+    try:
+        if isinstance(inputs, tuple):
+            result = probe(model, *inputs)
+        elif isinstance(inputs, dict):
+            result = probe(model, **inputs)
+        else:
+            result = probe(model, inputs)
+    except Exception as error:
+        # The model's own forward failed on the inputs. The model's state was
+        # restored, and the tensors keep what the policy wrote.
+        raise ApplyError(
+            f"the forward-pass probe failed: {type(error).__name__}: {error}; "
+            "the tensors are initialized, so check that probe_inputs fit the "
+            "model's forward (shape, dtype, argument names)"
+        ) from error
     result.growth_limit = checks.growth_limit
     report.probe = result
     if checks.enabled:
@@ -313,18 +353,23 @@ def _fill(item: PlannedTensor, seed: int | None) -> int:
         generator.manual_seed(tensor_seed)
     context = FillContext(entry.module, entry.info.local_name, generator, tensor_seed)
     item.scheme.fill(entry.tensor, item.match.rule.init.args, context)
-    return _zero_padding_row(item)
+    padding_index = _padding_index(item)
+    if padding_index is None:
+        return 0
+    entry.tensor[padding_index].zero_()
+    return 1
 
 
-def _zero_padding_row(item: PlannedTensor) -> int:
-    """Zero an embedding's padding row after a random scheme, as torch does.
+def _padding_index(item: PlannedTensor) -> int | None:
+    """Return the embedding row the engine zeroes after a random scheme, if any.
 
+    torch and transformers keep an embedding's ``padding_idx`` row at zero.
     Any owner of a tied tensor counts, so a head tied to an embedding with a
     ``padding_idx`` keeps the zero row whichever name comes first.
     """
     entry = item.entry
     if not (item.scheme.random and item.match.rule.zero_padding_idx):
-        return 0
+        return None
     owners = zip(
         [entry.module, *entry.alias_modules],
         [entry.info, *entry.alias_infos],
@@ -336,9 +381,8 @@ def _zero_padding_row(item: PlannedTensor) -> int:
             and isinstance(module, (nn.Embedding, nn.EmbeddingBag))
             and module.padding_idx is not None
         ):
-            entry.tensor[module.padding_idx].zero_()
-            return 1
-    return 0
+            return int(module.padding_idx)
+    return None
 
 
 def _row(

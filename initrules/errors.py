@@ -6,7 +6,7 @@ Every exception derives from :class:`InitRulesError`::
     ├── PolicyError            a policy file or text is invalid (has a position)
     ├── PlanError              a rule cannot apply to a tensor of the model
     │   └── UnmatchedTensorsError   parameters that no rule matched
-    ├── ApplyError             a scheme failed while writing
+    ├── ApplyError             writing, or a forward pass after it, failed
     └── CheckError             checks of the initialized tensors failed
 
 Nothing is written to a model when ``apply`` raises a PolicyError or a
@@ -102,7 +102,10 @@ class PlanError(InitRulesError):
 
 
 class ApplyError(InitRulesError):
-    """A scheme failed while writing; the tensors before it were written."""
+    """Writing failed, or a forward pass on data or probe inputs after it.
+
+    The message says what was already written.
+    """
 
 
 class UnmatchedTensorsError(PlanError):

@@ -146,10 +146,17 @@ def lsuv_failures(results: list[LsuvResult]) -> list[CheckFailure]:
     for result in results:
         if result.converged:
             continue
-        if math.isnan(result.output_std):
+        if result.iterations == 0:
             text = (
                 f"the module {result.module!r} produced no floating-point output on "
-                "the data, so lsuv could not measure it"
+                "the data (it did not run, or returned no floating-point tensor), "
+                "so lsuv could not measure it"
+            )
+        elif not math.isfinite(result.output_std) or result.output_std == 0:
+            text = (
+                f"output std of {result.module!r} is {result.output_std:.4g}, which "
+                "no rescaling can fix; check the data and the base draw for NaN, "
+                "Inf or all-zero values"
             )
         else:
             text = (

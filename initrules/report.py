@@ -284,7 +284,8 @@ def _scheme_text(row: Row) -> str:
 
 
 def _markdown_cell(text: str) -> str:
-    return text.replace("|", "\\|")
+    # A pipe would end the cell and a line break the row.
+    return " ".join(text.replace("|", "\\|").splitlines())
 
 
 def _verdict(report: Report) -> str:
@@ -397,6 +398,11 @@ def _format_report(report: Report) -> str:
         parts.append(
             f"lsuv: {result.name}: output std {result.output_std:.4g} after "
             f"{result.iterations} pass(es), {state}"
+        )
+    if report.probe is not None:
+        parts.append(
+            f"probe: {len(report.probe.records)} leaf module calls recorded, "
+            f"{len(report.probe.flags)} flagged"
         )
     if report.failures:
         parts.append(f"{_verdict(report)}:")

@@ -16,7 +16,16 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import ErrorDetails
 from torch import nn
 
 __all__ = [
@@ -556,6 +565,44 @@ def _max_abs_lecun_normal(shape: tuple[int, ...], args: SchemeArgs) -> float:
     return _max_abs_variance_scaling(shape, LECUN_ARGS)
 
 
+def _argument_problem(item: ErrorDetails) -> str:
+    key = ".".join(map(str, item["loc"])) or "arguments"
+    if item["type"] == "extra_forbidden":
+        return f"unknown key {key!r}"
+    return f"{key!r}: {item['msg']}"
+
+
+def _resolve_lsuv_base(base: str | dict[str, Any]) -> tuple[Scheme, SchemeArgs]:
+    """Return the scheme and validated arguments that ``base`` names.
+
+    Errors say ``base`` and list the base scheme's own arguments, not lsuv's.
+    """
+    spec = {"scheme": base} if isinstance(base, str) else dict(base)
+    name = spec.pop("scheme", None)
+    if not isinstance(name, str):
+        raise ValueError("base needs a 'scheme' name, such as orthogonal")
+    if name not in _REGISTRY:
+        raise ValueError(
+            f"unknown base scheme {name!r}; valid schemes: {', '.join(scheme_names())}"
+        )
+    scheme = _REGISTRY[name]
+    if scheme.needs_data or not scheme.writes or scheme.needs_module_reset:
+        raise ValueError(
+            f"base scheme {name!r} cannot start an lsuv draw; use a scheme that "
+            "draws values itself, such as orthogonal or normal"
+        )
+    try:
+        args = scheme.args_model.model_validate(spec)
+    except ValidationError as error:
+        problems = "; ".join(_argument_problem(item) for item in error.errors())
+        valid = ", ".join(scheme.args_model.model_fields) or "none"
+        raise ValueError(
+            f"invalid arguments of base scheme {name!r} ({problems}); its "
+            f"arguments are: {valid}"
+        ) from None
+    return scheme, args
+
+
 class LsuvArgs(SchemeArgs):
     """Arguments of ``lsuv`` (layer-sequential unit-variance init).
 
@@ -579,22 +626,18 @@ class LsuvArgs(SchemeArgs):
     _base_scheme: Scheme = PrivateAttr()
     _base_args: SchemeArgs = PrivateAttr()
 
+    @field_validator("base")
+    @classmethod
+    def _valid_base(cls, base: str | dict[str, Any]) -> str | dict[str, Any]:
+        # Validated here so that errors point at 'base', not at the whole init.
+        _resolve_lsuv_base(base)
+        return base
+
     @model_validator(mode="after")
     def _resolve_base(self) -> LsuvArgs:
-        spec = {"scheme": self.base} if isinstance(self.base, str) else dict(self.base)
-        name = spec.pop("scheme", None)
-        if not isinstance(name, str):
-            raise ValueError("base needs a 'scheme' name, such as orthogonal")
-        if name not in _REGISTRY:
-            raise ValueError(
-                f"unknown base scheme {name!r}; valid schemes: "
-                f"{', '.join(scheme_names())}"
-            )
-        scheme = _REGISTRY[name]
-        if scheme.needs_data or not scheme.writes:
-            raise ValueError(f"base scheme {name!r} cannot start an lsuv draw")
+        scheme, args = _resolve_lsuv_base(self.base)
         self._base_scheme = scheme
-        self._base_args = scheme.args_model.model_validate(spec)
+        self._base_args = args
         return self
 
     @property
