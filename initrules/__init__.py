@@ -15,6 +15,7 @@ Example:
     []
 """
 
+from initrules.build import build
 from initrules.engine import apply, check, derive_seed
 from initrules.errors import (
     ApplyError,
@@ -82,6 +83,7 @@ __all__ = [
     "TensorInfo",
     "UnmatchedTensorsError",
     "apply",
+    "build",
     "check",
     "derive_seed",
     "get_scheme",

@@ -115,17 +115,22 @@ class UnmatchedTensorsError(PlanError):
         names: Canonical names of the unmatched tensors, in module order.
     """
 
-    def __init__(self, names: Sequence[str], policy_path: str) -> None:
+    def __init__(
+        self, names: Sequence[str], policy_path: str, *, fix: str | None = None
+    ) -> None:
         self.names = list(names)
         shown = "\n".join(f"  {name}" for name in self.names[:50])
         more = len(self.names) - 50
         if more > 0:
             shown += f"\n  ... and {more} more"
+        if fix is None:
+            fix = (
+                "Add a rule that matches them, or set 'on_unmatched: warn' or "
+                "'on_unmatched: keep' to leave them as they are."
+            )
         super().__init__(
             f"{len(self.names)} parameter(s) matched no rule of {policy_path}:\n"
-            f"{shown}\n"
-            "Add a rule that matches them, or set 'on_unmatched: warn' or "
-            "'on_unmatched: keep' to leave them as they are."
+            f"{shown}\n{fix}"
         )
 
 

@@ -1,0 +1,182 @@
+"""Build a model with its parameters on the meta device, then initialize it once.
+
+A normal construction runs every module's default ``reset_parameters`` (and a
+transformers model's own init) before a policy overwrites the values again.
+:func:`build` skips that work: while the factory runs, every parameter a
+module registers is moved to the meta device, so its default init touches no
+memory. Buffers stay where the module's own code computed them (rotary
+frequency tables, position ids, BatchNorm statistics), so they come out
+equal to a normal construction without initrules knowing how each model
+computes them. The parameters are then allocated on the target device and
+written once by the policy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from initrules.engine import PolicySource, apply, resolve_policy
+from initrules.errors import PlanError, UnmatchedTensorsError
+from initrules.planner import make_plan
+from initrules.report import Report
+from initrules.schema import Policy
+
+__all__ = ["build", "parameters_on_meta"]
+
+logger = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def parameters_on_meta() -> Iterator[None]:
+    """Move every parameter registered inside the block to the meta device.
+
+    Buffers are left alone. ``nn.Module.register_parameter`` is patched for
+    the duration of the block, in this process and all its threads.
+    """
+    original = nn.Module.register_parameter
+
+    def register_on_meta(
+        module: nn.Module, name: str, param: nn.Parameter | None
+    ) -> None:
+        original(module, name, param)
+        if param is not None and not param.is_meta:
+            on_meta = param.detach().to("meta")
+            module._parameters[name] = type(param)(
+                on_meta, requires_grad=param.requires_grad
+            )
+
+    nn.Module.register_parameter = register_on_meta  # type: ignore[method-assign,assignment]
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = original  # type: ignore[method-assign]
+
+
+def _materialize(
+    model: nn.Module, device: torch.device, dtype: torch.dtype | None
+) -> None:
+    """Allocate every meta parameter on ``device`` and move buffers there.
+
+    Tied parameters stay tied: each distinct parameter is allocated once.
+    Floating-point buffers take ``dtype`` as ``model.to(dtype)`` would.
+    """
+    allocated: dict[int, nn.Parameter] = {}
+    moved: dict[int, torch.Tensor] = {}
+    for module in model.modules():
+        for name, param in module._parameters.items():
+            if param is None:
+                continue
+            replacement = allocated.get(id(param))
+            if replacement is None:
+                target = (
+                    dtype if dtype is not None and param.is_floating_point() else None
+                )
+                data = torch.empty_like(param, device=device, dtype=target)
+                replacement = type(param)(data, requires_grad=param.requires_grad)
+                allocated[id(param)] = replacement
+            module._parameters[name] = replacement
+        for name, buffer in module._buffers.items():
+            if buffer is None:
+                continue
+            converted = moved.get(id(buffer))
+            if converted is None:
+                target = (
+                    dtype if dtype is not None and buffer.is_floating_point() else None
+                )
+                converted = buffer.to(device=device, dtype=target)
+                moved[id(buffer)] = converted
+            module._buffers[name] = converted
+
+
+def build(
+    factory: Callable[[], nn.Module],
+    policy: PolicySource,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    seed: int | None = None,
+    **apply_options: Any,
+) -> tuple[nn.Module, Report]:
+    """Construct a model without default init, then initialize it by ``policy``.
+
+    The factory runs with every parameter moved to the meta device as it is
+    registered, so no default init touches memory. Parameters are then
+    allocated on ``device`` and written once through the policy; buffers
+    keep the values the modules' own code computed. With the same seed, the
+    weights equal those of :func:`apply` on a normally constructed model.
+
+    Args:
+        factory: Called with no arguments; returns the model. Use
+            ``functools.partial`` or a lambda to pass arguments.
+        policy: A policy file path or a :class:`Policy`.
+        device: Where the parameters are allocated.
+        dtype: Floating-point dtype of parameters and buffers, as
+            ``model.to(dtype)`` would give; ``None`` keeps the factory's.
+        seed: Seed of the per-tensor generators, as for :func:`apply`.
+        **apply_options: Passed to :func:`apply` (``probe_inputs``, ``data``).
+
+    Returns:
+        The model and the report of its initialization.
+
+    Raises:
+        UnmatchedTensorsError: A parameter matched no rule, whatever the
+            policy's ``on_unmatched`` says, since its memory would hold
+            garbage. Raised before any memory is allocated.
+        PlanError: A rule keeps a parameter as it is (``keep``), which would
+            leave it uninitialized, or a buffer was left on the meta device.
+        PolicyError, CheckError: As for :func:`apply`.
+    """
+    resolved = resolve_policy(policy)
+    with parameters_on_meta():
+        model = factory()
+    if not isinstance(model, nn.Module):
+        raise TypeError(
+            f"factory must return a torch.nn.Module, got {type(model).__name__}"
+        )
+    _check_plan(model, resolved)
+    _materialize(model, torch.device(device), dtype)
+    strict = resolved.model_copy(update={"on_unmatched": "error"})
+    report = apply(model, strict, seed=seed, **apply_options)
+    logger.info("built %s on %s and initialized it once", type(model).__name__, device)
+    return model, report
+
+
+def _check_plan(model: nn.Module, policy: Policy) -> None:
+    """Reject what would leave memory uninitialized, before allocating any."""
+    plan = make_plan(model, policy, allow_meta=True)
+    if plan.unmatched:
+        raise UnmatchedTensorsError(
+            [entry.name for entry in plan.unmatched],
+            policy.path,
+            fix=(
+                "build allocates parameters without values, so every parameter "
+                "needs a rule, whatever 'on_unmatched' says."
+            ),
+        )
+    kept = [
+        item
+        for item in plan.planned
+        if not item.scheme.writes and item.entry.info.kind == "parameter"
+    ]
+    if kept:
+        item = kept[0]
+        rule = item.match.rule
+        raise PlanError(
+            f"{rule.label(item.match.rule_index)} keeps {item.entry.name!r} as it "
+            f"is, but build allocates parameters without values ({len(kept)} "
+            "tensor(s) in all); give them a scheme that writes, or construct the "
+            "model normally and use apply"
+        )
+    meta_buffers = [name for name, buffer in model.named_buffers() if buffer.is_meta]
+    if meta_buffers:
+        raise PlanError(
+            f"{len(meta_buffers)} buffer(s) were created on the meta device by the "
+            f"factory (first: {meta_buffers[0]!r}), so build cannot give them "
+            "values; construct them on a real device in the factory"
+        )
