@@ -15,7 +15,7 @@ Example:
     []
 """
 
-from initrules.build import build
+from initrules.builder import build
 from initrules.engine import apply, check, derive_seed
 from initrules.errors import (
     ApplyError,
@@ -30,7 +30,7 @@ from initrules.errors import (
 from initrules.loader import load_policy
 from initrules.matcher import Matcher, MatchResult, TensorInfo
 from initrules.planner import Plan, make_plan
-from initrules.probe import ProbeFlag, ProbeRecord, ProbeReport, probe
+from initrules.probing import ProbeFlag, ProbeRecord, ProbeReport, probe
 from initrules.report import CheckFailure, LsuvResult, Report, Row, Skipped
 from initrules.schema import (
     Checks,

@@ -30,7 +30,7 @@ from initrules.expected import ExpectedStats
 from initrules.loader import load_policy
 from initrules.lsuv import lsuv_failures, run_lsuv
 from initrules.planner import Plan, PlannedTensor, TensorEntry, make_plan
-from initrules.probe import probe
+from initrules.probing import probe
 from initrules.report import CheckFailure, Report, Row, Skipped
 from initrules.schema import Checks, Policy
 from initrules.schemes import FillContext

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 from initrules.errors import CheckError
 
 if TYPE_CHECKING:
-    from initrules.probe import ProbeReport
+    from initrules.probing import ProbeReport
 
 __all__ = ["CheckFailure", "LsuvResult", "Report", "Row", "Skipped", "format_shape"]
 

@@ -1,4 +1,4 @@
-"""Behaviour of `initrules.probe.probe`: records, flags, restored state, report output.
+"""Behaviour of `initrules.probe`: records, flags, restored state, report output.
 
 Models are real `torch.nn` modules or small transformers models built from their
 config classes. Random draws come from fixed seeds or fixed generators, so every
@@ -16,7 +16,7 @@ import pytest
 import torch
 from torch import nn
 
-from initrules.probe import DEFAULT_GROWTH_LIMIT, ProbeReport, probe
+from initrules.probing import DEFAULT_GROWTH_LIMIT, ProbeReport, probe
 
 MLP_DEPTH = 48
 MLP_WIDTH = 256
