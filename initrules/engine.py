@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import warnings
@@ -34,8 +33,9 @@ from initrules.probing import probe
 from initrules.report import CheckFailure, Report, Row, Skipped
 from initrules.schema import Checks, Policy
 from initrules.schemes import FillContext
+from initrules.stream import CHUNK_ELEMENTS, derive_seed, fill_chunked
 
-__all__ = ["apply", "check", "derive_seed", "resolve_policy"]
+__all__ = ["PolicySource", "apply", "check", "derive_seed", "resolve_policy"]
 
 logger = logging.getLogger(__name__)
 
@@ -59,16 +59,6 @@ def resolve_policy(policy: PolicySource) -> Policy:
     )
 
 
-def derive_seed(seed: int, name: str) -> int:
-    """Return the 63-bit seed of one tensor, from the run's seed and its name.
-
-    The value depends only on these two inputs, so a tensor's draw does not
-    change when other rules or tensors are added, removed or reordered.
-    """
-    digest = hashlib.blake2b(f"{seed}\x00{name}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
-
-
 def apply(
     model: nn.Module,
     policy: PolicySource,
@@ -89,9 +79,11 @@ def apply(
     Args:
         model: The model to initialize, materialized (not on the meta device).
         policy: A policy file path or a :class:`Policy`.
-        seed: When given, each tensor draws from its own generator seeded from
-            ``seed`` and its canonical name. When ``None``, draws come from
-            torch's global generator (``torch.manual_seed``).
+        seed: When given, each tensor draws from its own generators seeded
+            from ``seed`` and its canonical name; large tensors are drawn in
+            chunks on several threads with the same result (see
+            :mod:`initrules.stream`). When ``None``, draws come from torch's
+            global generator (``torch.manual_seed``).
         probe_inputs: Example inputs for a forward-pass probe after init
             (see :func:`initrules.probe`): a tuple of positional arguments, a
             dict of keyword arguments, or one tensor.
@@ -346,13 +338,21 @@ def _handle_unmatched(plan: Plan) -> None:
 def _fill(item: PlannedTensor, seed: int | None) -> int:
     """Write one tensor; return how many rows were zeroed after the draw."""
     entry = item.entry
-    tensor_seed = derive_seed(seed, entry.name) if seed is not None else None
-    generator = None
-    if tensor_seed is not None and item.scheme.random:
-        generator = torch.Generator(device=entry.tensor.device)
-        generator.manual_seed(tensor_seed)
-    context = FillContext(entry.module, entry.info.local_name, generator, tensor_seed)
-    item.scheme.fill(entry.tensor, item.match.rule.init.args, context)
+    tensor = entry.tensor
+    args = item.match.rule.init.args
+    draw = item.scheme.draw
+    if seed is not None and draw is not None and tensor.numel() > CHUNK_ELEMENTS:
+        fill_chunked(tensor, draw(tuple(tensor.shape), args), seed, entry.name)
+    else:
+        tensor_seed = derive_seed(seed, entry.name) if seed is not None else None
+        generator = None
+        if tensor_seed is not None and item.scheme.random:
+            generator = torch.Generator(device=tensor.device)
+            generator.manual_seed(tensor_seed)
+        context = FillContext(
+            entry.module, entry.info.local_name, generator, tensor_seed
+        )
+        item.scheme.fill(tensor, args, context)
     padding_index = _padding_index(item)
     if padding_index is None:
         return 0

@@ -28,6 +28,8 @@ from pydantic import (
 from pydantic_core import ErrorDetails
 from torch import nn
 
+from initrules.stream import Draw
+
 __all__ = [
     "FillContext",
     "Scheme",
@@ -90,6 +92,7 @@ class FillContext:
 FillFn = Callable[[torch.Tensor, SchemeArgs, FillContext], None]
 ArgsCheck = Callable[[tuple[int, ...], torch.dtype, "SchemeArgs"], "str | None"]
 MaxAbs = Callable[[tuple[int, ...], "SchemeArgs"], float]
+DrawFn = Callable[[tuple[int, ...], "SchemeArgs"], Draw]
 
 
 @dataclass(frozen=True)
@@ -113,6 +116,10 @@ class Scheme:
             values the dtype cannot hold are rejected before writing.
         needs_data: True if the engine finishes the scheme with forward passes
             over a batch of data after every other tensor is written (``lsuv``).
+        draw: Returns the elementwise distribution the scheme draws from for
+            a shape, for schemes whose elements are independent draws; the
+            seeded stream then draws large tensors in chunks, in parallel
+            (see :mod:`initrules.stream`).
     """
 
     name: str
@@ -126,6 +133,7 @@ class Scheme:
     check_args: ArgsCheck | None = None
     max_abs: MaxAbs | None = None
     needs_data: bool = False
+    draw: DrawFn | None = None
 
     def check(
         self, shape: tuple[int, ...], dtype: torch.dtype, args: SchemeArgs | None = None
@@ -665,6 +673,72 @@ def _check_lsuv(
     return None if reason is None else f"its base scheme cannot: {reason}"
 
 
+# --- elementwise draws, for the chunked stream --------------------------------
+# Each returns the distribution the matching fill above draws from, computed
+# as torch.nn.init computes it.
+
+
+def _draw_uniform(shape: tuple[int, ...], args: SchemeArgs) -> Draw:
+    assert isinstance(args, UniformArgs)
+    return Draw("uniform", args.a, args.b)
+
+
+def _draw_normal(shape: tuple[int, ...], args: SchemeArgs) -> Draw:
+    assert isinstance(args, NormalArgs)
+    return Draw("normal", args.mean, args.std)
+
+
+def _draw_trunc_normal(shape: tuple[int, ...], args: SchemeArgs) -> Draw:
+    assert isinstance(args, TruncNormalArgs)
+    return Draw("trunc_normal", args.mean, args.std, args.a, args.b)
+
+
+def _centered_draw(std: float, *, uniform: bool) -> Draw:
+    if uniform:
+        bound = math.sqrt(3.0) * std
+        return Draw("uniform", -bound, bound)
+    return Draw("normal", 0.0, std)
+
+
+def _draw_xavier(uniform: bool) -> DrawFn:
+    def draw(shape: tuple[int, ...], args: SchemeArgs) -> Draw:
+        assert isinstance(args, GainArgs)
+        fan_in, fan_out = compute_fans(shape)
+        std = args.gain * math.sqrt(2.0 / float(fan_in + fan_out))
+        return _centered_draw(std, uniform=uniform)
+
+    return draw
+
+
+def _draw_kaiming(uniform: bool) -> DrawFn:
+    def draw(shape: tuple[int, ...], args: SchemeArgs) -> Draw:
+        assert isinstance(args, KaimingArgs)
+        fan_in, fan_out = compute_fans(shape)
+        fan = fan_in if args.mode == "fan_in" else fan_out
+        std = nn.init.calculate_gain(args.nonlinearity, args.a) / math.sqrt(fan)
+        return _centered_draw(std, uniform=uniform)
+
+    return draw
+
+
+def _draw_variance_scaling(shape: tuple[int, ...], args: SchemeArgs) -> Draw:
+    assert isinstance(args, VarianceScalingArgs)
+    fan_in, fan_out = compute_fans(shape)
+    fans = {"fan_in": fan_in, "fan_out": fan_out, "fan_avg": (fan_in + fan_out) / 2}
+    variance = args.scale / max(1.0, fans[args.mode])
+    if args.distribution == "truncated_normal":
+        std = math.sqrt(variance) / TRUNCATED_NORMAL_STD
+        return Draw("trunc_normal", 0.0, std, -2 * std, 2 * std)
+    if args.distribution == "normal":
+        return Draw("normal", 0.0, math.sqrt(variance))
+    limit = math.sqrt(3.0 * variance)
+    return Draw("uniform", -limit, limit)
+
+
+def _draw_lecun_normal(shape: tuple[int, ...], args: SchemeArgs) -> Draw:
+    return _draw_variance_scaling(shape, LECUN_ARGS)
+
+
 def _register_builtins() -> None:
     builtins = [
         Scheme(
@@ -673,6 +747,7 @@ def _register_builtins() -> None:
             _in_float32(_fill_uniform),
             random=True,
             max_abs=_max_abs_uniform,
+            draw=_draw_uniform,
         ),
         Scheme(
             "normal",
@@ -680,6 +755,7 @@ def _register_builtins() -> None:
             _in_float32(_fill_normal),
             random=True,
             max_abs=_max_abs_normal,
+            draw=_draw_normal,
         ),
         Scheme(
             "trunc_normal",
@@ -687,6 +763,7 @@ def _register_builtins() -> None:
             _in_float32(_fill_trunc_normal),
             random=True,
             max_abs=_max_abs_trunc_normal,
+            draw=_draw_trunc_normal,
         ),
         Scheme(
             "constant",
@@ -714,6 +791,7 @@ def _register_builtins() -> None:
             random=True,
             min_ndim=2,
             max_abs=_max_abs_xavier,
+            draw=_draw_xavier(uniform=True),
         ),
         Scheme(
             "xavier_normal",
@@ -722,6 +800,7 @@ def _register_builtins() -> None:
             random=True,
             min_ndim=2,
             max_abs=_max_abs_xavier,
+            draw=_draw_xavier(uniform=False),
         ),
         Scheme(
             "kaiming_uniform",
@@ -730,6 +809,7 @@ def _register_builtins() -> None:
             random=True,
             min_ndim=2,
             max_abs=_max_abs_kaiming,
+            draw=_draw_kaiming(uniform=True),
         ),
         Scheme(
             "kaiming_normal",
@@ -738,6 +818,7 @@ def _register_builtins() -> None:
             random=True,
             min_ndim=2,
             max_abs=_max_abs_kaiming,
+            draw=_draw_kaiming(uniform=False),
         ),
         Scheme(
             "orthogonal",
@@ -763,6 +844,7 @@ def _register_builtins() -> None:
             random=True,
             min_ndim=2,
             max_abs=_max_abs_variance_scaling,
+            draw=_draw_variance_scaling,
         ),
         Scheme(
             "lecun_normal",
@@ -771,6 +853,7 @@ def _register_builtins() -> None:
             random=True,
             min_ndim=2,
             max_abs=_max_abs_lecun_normal,
+            draw=_draw_lecun_normal,
         ),
         Scheme("keep", NoArgs, _fill_keep, random=False, writes=False),
         Scheme("default", NoArgs, _fill_default, random=True, needs_module_reset=True),
