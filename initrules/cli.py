@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import importlib.util
 import json
 import logging
 import os
@@ -403,6 +404,12 @@ def _run_apply(args: argparse.Namespace) -> int:
     for path in (args.out, args.plot):
         if path is not None:
             _check_writable(path)
+    if args.plot is not None and importlib.util.find_spec("matplotlib") is None:
+        # Found before the (possibly long) initialization, not after it.
+        raise _UsageError(
+            "--plot needs matplotlib, which is not installed; install it with: "
+            "pip install 'initrules[plot]'"
+        )
     model = _model(args, device=None)
     probe_inputs = None
     if args.probe_input is not None:

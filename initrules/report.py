@@ -306,8 +306,9 @@ def _format_markdown(report: Report) -> str:
         "|---|---|---|---|---|---:|---:|---:|",
     ]
     for row in report.rows:
+        aliases = "".join(f" (= `{alias}`)" for alias in row.aliases)
         cells = (
-            f"`{row.name}`",
+            f"`{row.name}`{aliases}",
             format_shape(row.shape),
             row.module_type,
             _rule_text(row),
