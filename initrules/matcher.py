@@ -7,6 +7,7 @@ import re
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
 import regex
@@ -134,6 +135,56 @@ def _shorten(name: str, limit: int = 120) -> str:
     return repr(name[: limit // 2] + "..." + name[-limit // 2 :])
 
 
+def _anchor_segment(glob: str) -> str | None:
+    """Return a dotted segment that every name matching ``glob`` contains.
+
+    A glob segment without wildcards, classes, alternatives or escapes can
+    only match an equal segment of the name, since ``*`` and ``?`` stay
+    within one segment and ``**`` spans whole ones. The longest such segment
+    is returned, as the one least likely to be shared by many names.
+    """
+    if any(char in glob for char in "{}\\"):
+        return None
+    literal = [
+        segment
+        for segment in glob.split(".")
+        if segment and not any(char in segment for char in "*?[]")
+    ]
+    return max(literal, key=len) if literal else None
+
+
+_NO_CAPTURES: Mapping[str, str] = MappingProxyType({})
+
+
+def _static_key(info: TensorInfo) -> tuple[object, ...]:
+    """Return everything but the name that a rule's predicates look at."""
+    return (
+        info.kind,
+        info.ndim,
+        info.dtype,
+        info.local_name,
+        info.module_class,
+        info.ancestor_classes,
+    )
+
+
+@dataclass(frozen=True)
+class _Candidates:
+    """The rules that can win for tensors with one static key.
+
+    Attributes:
+        last: Position of the first rule whose static predicates hold and
+            that has no name or regex, so it wins unless an earlier one
+            does; ``None`` if there is no such rule.
+        anchored: Earlier rules with a name glob, by their anchor segment.
+        unanchored: Earlier rules with a regex or a glob without an anchor.
+    """
+
+    last: int | None
+    anchored: Mapping[str, tuple[int, ...]]
+    unanchored: tuple[int, ...]
+
+
 class _CompiledRule:
     """One rule's predicates, compiled; cheap predicates are tested first."""
 
@@ -147,6 +198,7 @@ class _CompiledRule:
         self.param = compile_glob(match.param) if match.param is not None else None
         self.param_cache: dict[str, bool] = {}
         self.name = compile_glob(match.name) if match.name is not None else None
+        self.anchor = _anchor_segment(match.name) if match.name is not None else None
         self.regex = regex.compile(match.regex) if match.regex is not None else None
         self.module = (
             _ClassPredicate(match.module, match.exact) if match.module else None
@@ -155,18 +207,30 @@ class _CompiledRule:
 
     def test(self, info: TensorInfo) -> Mapping[str, str] | None:
         """Return the captures if every predicate holds, else ``None``."""
+        if not self.test_static(info):
+            return None
+        return self.test_name(info)
+
+    def test_static(self, info: TensorInfo) -> bool:
+        """Test every predicate except ``name`` and ``regex``.
+
+        The result depends only on :func:`_static_key` of the tensor, so the
+        matcher caches it per key.
+        """
         if info.kind != self.kind:
-            return None
+            return False
         if self.ndim is not None and info.ndim not in self.ndim:
-            return None
+            return False
         if self.dtype is not None and info.dtype not in self.dtype:
-            return None
+            return False
         if self.param is not None and not self._param_matches(info.local_name):
-            return None
+            return False
         if self.module is not None and not self.module(info.module_class):
-            return None
-        if self.within is not None and not any(map(self.within, info.ancestor_classes)):
-            return None
+            return False
+        return self.within is None or any(map(self.within, info.ancestor_classes))
+
+    def test_name(self, info: TensorInfo) -> Mapping[str, str] | None:
+        """Test the ``name`` and ``regex`` predicates; return the captures."""
         if self.name is not None and not self.name.fullmatch(info.name):
             return None
         if self.regex is not None:
@@ -237,6 +301,13 @@ class Matcher:
         self._rules = [
             _CompiledRule(index, rule) for index, rule in enumerate(policy.rules)
         ]
+        self._candidates: dict[tuple[object, ...], _Candidates] = {}
+        # Results without captures are shared: building a frozen dataclass per
+        # tensor costs more than resolving its rule.
+        self._plain_results = [
+            MatchResult(compiled.index, compiled.rule, _NO_CAPTURES)
+            for compiled in self._rules
+        ]
 
     def match(
         self, info: TensorInfo, *, all_matches: bool = False
@@ -251,17 +322,71 @@ class Matcher:
         Raises:
             PolicyError: A rule's regex timed out on this tensor's name.
         """
+        if all_matches:
+            return self._match_all(info)
+        candidates = self._candidates_for(info)
+        positions = candidates.unanchored
+        if candidates.anchored:
+            found = [
+                position
+                for segment in set(info.name.split("."))
+                for position in candidates.anchored.get(segment, ())
+            ]
+            if found:
+                positions = tuple(sorted((*positions, *found)))
+        for position in positions:
+            compiled = self._rules[position]
+            captures = compiled.test_name(info)
+            if captures:
+                return MatchResult(compiled.index, compiled.rule, captures)
+            if captures is not None:
+                return self._plain_results[position]
+        if candidates.last is None:
+            return None
+        return self._plain_results[candidates.last]
+
+    def _candidates_for(self, info: TensorInfo) -> _Candidates:
+        """Return the rules that can win for ``info``, cached by its static key.
+
+        Resolving a tensor then costs a few dictionary lookups and the name
+        tests of the few rules whose anchor segment the name contains, however
+        many rules the policy has.
+        """
+        key = _static_key(info)
+        found = self._candidates.get(key)
+        if found is not None:
+            return found
+        last: int | None = None
+        anchored: dict[str, list[int]] = {}
+        unanchored: list[int] = []
+        for position, compiled in enumerate(self._rules):
+            if not compiled.test_static(info):
+                continue
+            if compiled.name is None and compiled.regex is None:
+                last = position
+                break
+            if compiled.regex is None and compiled.anchor is not None:
+                anchored.setdefault(compiled.anchor, []).append(position)
+            else:
+                unanchored.append(position)
+        found = _Candidates(
+            last,
+            {segment: tuple(items) for segment, items in anchored.items()},
+            tuple(unanchored),
+        )
+        self._candidates[key] = found
+        return found
+
+    def _match_all(self, info: TensorInfo) -> MatchResult | None:
         for position, compiled in enumerate(self._rules):
             captures = compiled.test(info)
             if captures is None:
                 continue
-            also: tuple[int, ...] = ()
-            if all_matches:
-                also = tuple(
-                    later.index
-                    for later in self._rules[position + 1 :]
-                    if later.test(info) is not None
-                )
+            also = tuple(
+                later.index
+                for later in self._rules[position + 1 :]
+                if later.test(info) is not None
+            )
             return MatchResult(compiled.index, compiled.rule, captures, also)
         return None
 
