@@ -175,3 +175,43 @@ def test_unresolved_qualified_class_is_logged(caplog: pytest.LogCaptureFixture) 
         "module class 'nn.Linear' is not a class of any imported module, so no "
         "module can match it; check the path or use the bare class name"
     ]
+
+
+INDEXED_POLICY = """
+rules:
+  - {match: {name: "blocks.1.attn.*"}, init: zeros}
+  - {match: {name: "**.{proj,conv}.bias"}, init: zeros}
+  - {match: {regex: 'blocks\\.(?P<layer>\\d+)\\.conv\\.weight'}, init: zeros}
+  - {match: {name: "blocks.*.proj.weight", module: MyLinear}, init: zeros}
+  - {match: {module: Linear, param: weight}, init: ones}
+  - {match: {name: "**.weight", ndim: 2}, init: ones}
+  - {match: {name: "h?ad.bias"}, init: zeros}
+  - {match: {name: "blocks.0.**"}, init: zeros}
+  - {match: {param: "*"}, init: zeros}
+"""
+
+
+def test_indexed_match_equals_linear_scan() -> None:
+    # The fast path (candidates per static key, globs indexed by a literal
+    # segment) must pick the same rule as testing every rule in order.
+    policy = load_policy(text=INDEXED_POLICY)
+    model = Net()
+    names = [name for name, _ in model.named_parameters()]
+    fast = Matcher(policy)
+    scan = Matcher(policy)
+    for name in names * 2:  # the second pass runs on the cached candidates
+        tensor = info(model, name)
+        indexed = fast.match(tensor)
+        linear = scan.match(tensor, all_matches=True)
+        assert indexed is not None, name
+        assert linear is not None, name
+        assert indexed.rule_index == linear.rule_index, name
+        assert dict(indexed.captures) == dict(linear.captures), name
+
+
+def test_indexed_match_keeps_captures() -> None:
+    policy = load_policy(text=INDEXED_POLICY)
+    result = Matcher(policy).match(info(Net(), "blocks.1.conv.weight"))
+    assert result is not None
+    assert result.rule_index == 2
+    assert dict(result.captures) == {"layer": "1"}
