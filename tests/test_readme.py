@@ -24,3 +24,12 @@ def test_readme_policy_loads_and_applies() -> None:
 def test_readme_commands_are_marked() -> None:
     for marker in ("<!-- setup-command -->", "<!-- test-command -->"):
         assert f"{marker}\n```bash\n" in README, f"README.md lacks {marker}"
+
+
+def test_readme_checks_example_loads() -> None:
+    block = re.search(r"## Checks after init\n.*?```yaml\n(.*?)```", README, re.DOTALL)
+    assert block is not None, "README.md lost its checks example"
+    policy = initrules.load_policy(text=block.group(1))
+    assert policy.checks.tolerance == 6.0
+    assert policy.rules[0].expect is not None
+    assert policy.rules[1].checks.statistics is False
