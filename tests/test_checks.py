@@ -878,3 +878,30 @@ def test_message_expect() -> None:
         "expect: 'weight' (rule 1 at <text>:3:5): std 0.2 (the arguments imply) is "
         "outside the rule's expected [0.01, 0.05]"
     )
+
+
+ORTHOGONAL_POLICY = """\
+rules:
+  - {match: {param: weight}, init: {scheme: orthogonal, gain: 1.5}}
+  - {match: {param: bias}, init: zeros}
+"""
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_orthogonal_passes_gram_check(dtype: torch.dtype) -> None:
+    policy = initrules.load_policy(text=ORTHOGONAL_POLICY)
+    for shape in ((512, 256), (256, 512)):
+        model = nn.Linear(shape[1], shape[0]).to(dtype)
+        assert initrules.apply(model, policy, seed=0).failures == []
+
+
+def test_correlated_rows_fail_gram_check() -> None:
+    # Same std as the orthogonal draw, but independent normal rows.
+    policy = initrules.load_policy(text=ORTHOGONAL_POLICY)
+    model = nn.Linear(512, 256)
+    initrules.apply(model, policy, seed=0)
+    with torch.no_grad():
+        model.weight.normal_(0.0, float(model.weight.std()))
+    failures = initrules.check(model, policy).failures
+    assert [failure.check for failure in failures] == ["statistics"]
+    assert "rows of the orthogonal matrix are not orthonormal" in failures[0].message
