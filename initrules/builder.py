@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.parameter import UninitializedParameter
 
 from initrules.engine import PolicySource, apply, resolve_policy
 from initrules.errors import PlanError, UnmatchedTensorsError
@@ -32,30 +34,61 @@ __all__ = ["build", "parameters_on_meta"]
 logger = logging.getLogger(__name__)
 
 
+# The patch of nn.Module.register_parameter is installed while at least one
+# thread is inside parameters_on_meta(), and it acts only in those threads.
+_local = threading.local()
+_install_lock = threading.Lock()
+_install_count = 0
+# Kept after the patch is removed, for a call that read the patched method
+# just before another thread removed it.
+_saved_register: Callable[..., None] = nn.Module.register_parameter
+
+
+def _register_on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+    _saved_register(module, name, param)
+    moved: dict[int, tuple[nn.Parameter, nn.Parameter]] | None = getattr(
+        _local, "moved", None
+    )
+    if moved is None or param is None or param.is_meta:
+        return
+    if isinstance(param, UninitializedParameter):
+        # A lazy module's parameter has no shape yet; the plan reports it.
+        return
+    # One Parameter registered on several modules stays one Parameter. The
+    # original is kept in the map so that its id cannot be reused.
+    found = moved.get(id(param))
+    if found is None:
+        on_meta = type(param)(
+            param.detach().to("meta"), requires_grad=param.requires_grad
+        )
+        found = moved[id(param)] = (param, on_meta)
+    module._parameters[name] = found[1]
+
+
 @contextlib.contextmanager
 def parameters_on_meta() -> Iterator[None]:
     """Move every parameter registered inside the block to the meta device.
 
-    Buffers are left alone. ``nn.Module.register_parameter`` is patched for
-    the duration of the block, in this process and all its threads.
+    Buffers are left alone. ``nn.Module.register_parameter`` is patched while
+    any thread is inside such a block, but the patch moves parameters only
+    in threads that are; blocks may nest and may overlap across threads.
     """
-    original = nn.Module.register_parameter
-
-    def register_on_meta(
-        module: nn.Module, name: str, param: nn.Parameter | None
-    ) -> None:
-        original(module, name, param)
-        if param is not None and not param.is_meta:
-            on_meta = param.detach().to("meta")
-            module._parameters[name] = type(param)(
-                on_meta, requires_grad=param.requires_grad
-            )
-
-    nn.Module.register_parameter = register_on_meta  # type: ignore[method-assign,assignment]
+    global _install_count, _saved_register
+    with _install_lock:
+        if _install_count == 0:
+            _saved_register = nn.Module.register_parameter
+            nn.Module.register_parameter = _register_on_meta  # type: ignore[method-assign,assignment]
+        _install_count += 1
+    outer = getattr(_local, "moved", None)
+    _local.moved = {} if outer is None else outer
     try:
         yield
     finally:
-        nn.Module.register_parameter = original  # type: ignore[method-assign]
+        _local.moved = outer
+        with _install_lock:
+            _install_count -= 1
+            if _install_count == 0:
+                nn.Module.register_parameter = _saved_register  # type: ignore[method-assign]
 
 
 def _materialize(
@@ -133,6 +166,12 @@ def build(
         PolicyError, CheckError: As for :func:`apply`.
     """
     resolved = resolve_policy(policy)
+    if torch.device(device).type == "meta":
+        raise ValueError(
+            "build allocates the parameters on a real device, not 'meta'; to plan "
+            "or lint without memory, construct under torch.device('meta') and use "
+            "initrules.make_plan(..., allow_meta=True) or initrules lint"
+        )
     with parameters_on_meta():
         model = factory()
     if not isinstance(model, nn.Module):

@@ -28,6 +28,7 @@ from initrules.fans import true_fan_in
 from initrules.planner import Plan, PlannedTensor, TensorEntry, walk_modules
 from initrules.report import CheckFailure
 from initrules.schema import Checks, Rule
+from initrules.schemes import SparseArgs
 
 __all__ = [
     "Measured",
@@ -393,18 +394,26 @@ def _statistics_failures(
         target = _round_to(expected.mean, tensor.dtype)
         if measured.min == target and measured.max == target:
             return []
+        values = tensor.detach()
+        differ = int(torch.count_nonzero(values != target))
         return [
             _failure(
                 "statistics",
                 name,
-                f"{scheme} should set every value to {target:.6g}, but the values "
-                f"range over {_range_text((measured.min, measured.max))}",
+                f"{scheme} should set every value to {target!r}, but {differ} of "
+                f"{numel} values differ (they range over [{measured.min!r}, "
+                f"{measured.max!r}])",
                 rule,
                 measured=measured.max if measured.max != target else measured.min,
                 expected=target,
             )
         ]
-    rounding = _ROUNDING_UNITS * _epsilon(tensor.dtype)
+    # Rounding each value to the dtype is unbiased, so its effect on the mean
+    # and std shrinks with the number of values; the statistics themselves
+    # are computed in float32 or wider.
+    rounding = _ROUNDING_UNITS * (
+        _epsilon(torch.float32) + _epsilon(tensor.dtype) / math.sqrt(numel)
+    )
     scale = abs(expected.mean) + expected.std
     failures = []
     mean_margin = tolerance * expected.std / math.sqrt(numel) + rounding * scale
@@ -486,6 +495,58 @@ def _orthogonality_failures(item: PlannedTensor) -> list[CheckFailure]:
     ]
 
 
+def _exact_failures(item: PlannedTensor) -> list[CheckFailure]:
+    """Compare ``eye`` and ``dirac`` tensors with the values they must hold."""
+    name = item.scheme.name
+    if name not in ("eye", "dirac"):
+        return []
+    tensor = item.entry.tensor.detach()
+    reference = torch.empty_like(tensor)
+    if name == "eye":
+        nn.init.eye_(reference)
+    else:
+        nn.init.dirac_(reference, getattr(item.match.rule.init.args, "groups", 1))
+    differ = int(torch.count_nonzero(tensor != reference))
+    if differ == 0:
+        return []
+    return [
+        _failure(
+            "statistics",
+            item.entry.name,
+            f"{differ} of {tensor.numel()} values differ from what {name} writes",
+            _rule_label(item),
+            measured=float(differ),
+            expected=0.0,
+        )
+    ]
+
+
+def _sparsity_failures(item: PlannedTensor) -> list[CheckFailure]:
+    """Check that ``sparse`` left its share of zeros in every column."""
+    args = item.match.rule.init.args
+    if item.scheme.name != "sparse" or not isinstance(args, SparseArgs):
+        return []
+    tensor = item.entry.tensor.detach()
+    required = math.ceil(args.sparsity * tensor.shape[0])
+    if required == 0 or tensor.numel() == 0:
+        return []
+    fewest = int((tensor == 0).sum(dim=0).min())
+    if fewest >= required:
+        return []
+    return [
+        _failure(
+            "statistics",
+            item.entry.name,
+            f"a column has {fewest} zeros, but sparse with sparsity "
+            f"{args.sparsity:g} zeroes {required} of the {tensor.shape[0]} values "
+            "in every column",
+            _rule_label(item),
+            measured=float(fewest),
+            expected=float(required),
+        )
+    ]
+
+
 def _bounds_failures(
     item: PlannedTensor, measured: Measured, expected: ExpectedStats, tolerance: float
 ) -> list[CheckFailure]:
@@ -516,10 +577,12 @@ def _bounds_failures(
     on_bounds = int(torch.count_nonzero((tensor == low) | (tensor == high)))
     numel = tensor.numel()
     density_low, density_high = expected.edge_density
-    rounded = numel * (
-        density_low * _half_spacing(low, dtype)
-        + density_high * _half_spacing(high, dtype)
-    )
+    true_low, true_high = expected.support
+    # Draws round onto a bound from within half a float spacing of it, and,
+    # when the bound itself rounds inward, from the whole gap to the true one.
+    low_width = _half_spacing(low, dtype) + max(low - true_low, 0.0)
+    high_width = _half_spacing(high, dtype) + max(true_high - high, 0.0)
+    rounded = numel * (density_low * low_width + density_high * high_width)
     limit = rounded + tolerance * math.sqrt(rounded) + _BOUND_SLACK
     if on_bounds <= limit:
         return []
@@ -558,8 +621,14 @@ def tensor_failures(
             the scale check here covers only schemes without known statistics.
     """
     switches = switches_for(checks, item.match.rule)
-    if measured is None or (not item.scheme.writes and not judge_arguments):
+    if measured is None:
         return []
+    max_abs = max(abs(measured.min), abs(measured.max))
+    expect = _expect_failures(item, measured.mean, measured.std, max_abs, "measured")
+    if not item.scheme.writes and not judge_arguments:
+        # A kept tensor holds what the user put there: only its rule's own
+        # bounds apply.
+        return expect
     name = item.entry.name
     failures: list[CheckFailure] = []
     if not measured.finite:
@@ -577,20 +646,24 @@ def tensor_failures(
                 )
             )
         return failures
+    if switches.statistics:
+        failures += _exact_failures(item)
     if expected is not None:
         if switches.statistics:
             failures += _statistics_failures(item, measured, expected, checks.tolerance)
             failures += _orthogonality_failures(item)
+            failures += _sparsity_failures(item)
         if switches.bounds:
             failures += _bounds_failures(item, measured, expected, checks.tolerance)
-    is_weight = item.scheme.random and item.entry.tensor.dim() >= 2
+    # `default` runs the module's own init and `lsuv` sets the scale from
+    # data: the user chose those scales, so the scale check leaves them alone.
+    chosen = item.scheme.needs_module_reset or item.scheme.needs_data
+    is_weight = item.scheme.random and item.entry.tensor.dim() >= 2 and not chosen
     if switches.scale and is_weight and (expected is None or judge_arguments):
         failures += _scale_failures(
             item, checks, measured.mean, measured.std, "measured"
         )
-    max_abs = max(abs(measured.min), abs(measured.max))
-    failures += _expect_failures(item, measured.mean, measured.std, max_abs, "measured")
-    return failures
+    return failures + expect
 
 
 def _current(module: nn.Module, local_name: str, kind: str) -> torch.Tensor | None:

@@ -393,10 +393,16 @@ def _vocabulary_size(model: nn.Module) -> int:
 def _probe_input(model: nn.Module, spec: tuple[bool, tuple[int, ...]]) -> torch.Tensor:
     ids, shape = spec
     generator = torch.Generator().manual_seed(0)
-    if ids:
-        high = _vocabulary_size(model)
-        return torch.randint(0, high, shape, generator=generator)
-    return torch.randn(shape, generator=generator)
+    try:
+        if ids:
+            high = _vocabulary_size(model)
+            return torch.randint(0, high, shape, generator=generator)
+        return torch.randn(shape, generator=generator)
+    except RuntimeError as error:
+        # torch reports a failed allocation as a RuntimeError.
+        raise _UsageError(
+            f"cannot create a probe input of shape {format_shape(shape)}: {error}"
+        ) from None
 
 
 def _run_apply(args: argparse.Namespace) -> int:

@@ -108,6 +108,11 @@ def run_lsuv(model: nn.Module, plan: Plan, data: Any) -> list[LsuvResult]:
     return results
 
 
+# A rescaling must bring the output std at least this much closer to the
+# target, in log scale, or the weight is not what sets the output's scale.
+_MIN_PROGRESS = 0.1
+
+
 def _tune(
     model: nn.Module,
     item: PlannedTensor,
@@ -117,26 +122,42 @@ def _tune(
 ) -> LsuvResult:
     module = item.entry.module
     weight = item.entry.tensor
-    module_name = names.get(id(module), "")
+    base = weight.detach().clone()
     std: float | None = None
+    reason = "max_iter"
+    distance = math.inf
     iterations = 0
     for iterations in range(1, args.max_iter + 1):
         std = _output_std(model, module, data)
-        if std is None or not math.isfinite(std) or std == 0:
+        if std is None:
+            reason = "no output"
+            iterations = 0
             break
-        if abs(std - args.target_std) <= args.tol or iterations == args.max_iter:
+        if not math.isfinite(std) or std == 0:
+            reason = "not finite" if not math.isfinite(std) else "zero"
             break
-        weight.mul_(args.target_std / std)
-    converged = std is not None and abs(std - args.target_std) <= args.tol
+        if abs(std - args.target_std) <= args.tol:
+            reason = ""
+            break
+        previous, distance = distance, abs(math.log(std / args.target_std))
+        if distance > (1 - _MIN_PROGRESS) * previous:
+            reason = "stalled"
+            break
+        if iterations < args.max_iter:
+            weight.mul_(args.target_std / std)
+    if reason:
+        # Extreme scales from a run that cannot converge help nobody.
+        weight.copy_(base)
     logger.debug(
         "lsuv %s: output std %s after %d pass(es)", item.entry.name, std, iterations
     )
     return LsuvResult(
         name=item.entry.name,
-        module=module_name,
-        iterations=iterations if std is not None else 0,
+        module=names.get(id(module), ""),
+        iterations=iterations,
         output_std=std if std is not None else math.nan,
-        converged=converged,
+        converged=not reason,
+        reason=reason,
     )
 
 
@@ -146,24 +167,33 @@ def lsuv_failures(results: list[LsuvResult]) -> list[CheckFailure]:
     for result in results:
         if result.converged:
             continue
-        if result.iterations == 0:
-            text = (
-                f"the module {result.module!r} produced no floating-point output on "
-                "the data (it did not run, or returned no floating-point tensor), "
-                "so lsuv could not measure it"
-            )
-        elif not math.isfinite(result.output_std) or result.output_std == 0:
-            text = (
-                f"output std of {result.module!r} is {result.output_std:.4g}, which "
-                "no rescaling can fix; check the data and the base draw for NaN, "
-                "Inf or all-zero values"
-            )
-        else:
-            text = (
-                f"output std of {result.module!r} is {result.output_std:.4g} after "
-                f"{result.iterations} pass(es), not within tol of the target; raise "
-                "max_iter or check the data"
-            )
+        module = repr(result.module) if result.module else "the root module"
+        std = f"{result.output_std:.4g}"
+        texts = {
+            "no output": (
+                f"{module} produced no floating-point output with at least 2 "
+                "elements on the data (it did not run, returned no floating-point "
+                "tensor, or the batch is too small), so lsuv could not measure it"
+            ),
+            "not finite": (
+                f"output std of {module} is {std}, which no rescaling can fix; check "
+                "the data and the base draw for NaN or Inf"
+            ),
+            "zero": (
+                f"output of {module} is constant, which no rescaling can fix; check "
+                "the data and the base draw"
+            ),
+            "stalled": (
+                f"output std of {module} stays near {std} however the weight is "
+                "scaled (a saturating activation or a large bias sets it), so lsuv "
+                "cannot reach the target"
+            ),
+            "max_iter": (
+                f"output std of {module} is {std} after {result.iterations} "
+                "pass(es), not within tol of the target; raise max_iter"
+            ),
+        }
+        text = texts[result.reason] + "; the weight keeps its base draw"
         failures.append(
             CheckFailure(
                 check="lsuv",

@@ -319,9 +319,12 @@ def _family_flag(
     if len(family) < _MIN_FAMILY_SIZE:
         return None
     (first, first_std), (last, last_std) = family[0], family[-1]
-    if not first_std > 0:
+    if first_std == last_std:
+        # Includes a family that is dead (std 0) from its first layer on,
+        # which has no trend to report.
         return None
-    ratio = last_std / first_std
+    # A std of 0 at either end is an unbounded change, not a division error.
+    ratio = last_std / first_std if first_std > 0 else math.inf
     pattern, module_type = key
     span = (
         f"from {_display_name(first.name)} ({first_std:.2g}) "
@@ -334,7 +337,7 @@ def _family_flag(
             module=last.name,
             message=(
                 f"output std of {module_type} modules {_display_name(pattern)} "
-                f"grows {ratio:.2g}x {span}"
+                f"grows {_growth_factor(ratio)} {span}"
             ),
         )
     if ratio < 1 / limit:
@@ -343,10 +346,18 @@ def _family_flag(
             module=last.name,
             message=(
                 f"output std of {module_type} modules {_display_name(pattern)} "
-                f"shrinks {1 / ratio:.2g}x {span}"
+                f"shrinks {_shrink_factor(ratio)} {span}"
             ),
         )
     return None
+
+
+def _growth_factor(ratio: float) -> str:
+    return "without bound" if math.isinf(ratio) else f"{ratio:.2g}x"
+
+
+def _shrink_factor(ratio: float) -> str:
+    return "to zero" if ratio == 0 else f"{1 / ratio:.2g}x"
 
 
 def _nonfinite_flag(record: ProbeRecord) -> ProbeFlag:

@@ -116,6 +116,10 @@ class LsuvResult:
         output_std: Standard deviation of the module's output after the last
             rescaling.
         converged: True if the output std ended within ``tol`` of the target.
+        reason: Why it did not converge: ``no output``, ``not finite``,
+            ``stalled`` (rescaling stopped moving the std) or ``max_iter``;
+            empty when it converged. A weight that did not converge keeps
+            its base draw.
     """
 
     name: str
@@ -123,6 +127,7 @@ class LsuvResult:
     iterations: int
     output_std: float
     converged: bool
+    reason: str = ""
 
 
 @dataclass

@@ -275,6 +275,10 @@ class Expect(_Strict):
         max_abs: Largest magnitude any element may have.
     """
 
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, strict=True, allow_inf_nan=False
+    )
+
     mean: list[float] | None = None
     std: list[float] | None = None
     max_abs: float | None = Field(default=None, ge=0.0)
@@ -333,6 +337,10 @@ class Checks(_Strict):
         growth_limit: A forward-pass probe flags a family of repeated layers
             whose output std changes by more than this factor across depth.
     """
+
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, strict=True, allow_inf_nan=False
+    )
 
     enabled: bool = True
     on_failure: Literal["raise", "warn"] = "raise"

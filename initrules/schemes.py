@@ -511,6 +511,10 @@ def _check_constant(
             return (
                 f"constant {args.val} is beyond the largest {_dtype_name(dtype)} value"
             )
+        real = dtype.to_real() if dtype.is_complex else dtype
+        stored = float(torch.tensor(args.val, dtype=torch.float64).to(real))
+        if args.val != 0 and stored == 0:
+            return f"constant {args.val} rounds to 0 in {_dtype_name(dtype)}"
         return None
     if dtype == torch.bool:
         if args.val not in (0.0, 1.0):

@@ -905,3 +905,128 @@ def test_correlated_rows_fail_gram_check() -> None:
     failures = initrules.check(model, policy).failures
     assert [failure.check for failure in failures] == ["statistics"]
     assert "rows of the orthogonal matrix are not orthonormal" in failures[0].message
+
+
+def policy_text(init: str, *extra: str) -> initrules.Policy:
+    lines = [
+        "rules:",
+        f"  - {{match: {{param: weight}}, init: {init}{''.join(extra)}}}",
+    ]
+    lines.append("  - {match: {param: bias}, init: zeros}")
+    return initrules.load_policy(text="\n".join(lines) + "\n")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_uniform_bound_rounded_inward_passes(dtype: torch.dtype) -> None:
+    # 0.1 rounds to 0.09998 in float16, so every draw between the two lands on
+    # the rounded bound; the bounds check counts that gap as rounding.
+    policy = initrules.load_policy(
+        text="checks: {scale: false}\n"
+        "rules:\n"
+        "  - {match: {param: weight}, init: {scheme: uniform, a: -0.1, b: 0.1}}\n"
+        "  - {match: {param: bias}, init: zeros}\n"
+    )
+    model = nn.Linear(1024, 1024).to(dtype)
+    for seed in range(3):
+        assert initrules.apply(model, policy, seed=seed).failures == []
+
+
+def test_eye_checked_exactly() -> None:
+    policy = policy_text("eye")
+    model = nn.Linear(8, 8)
+    assert initrules.apply(model, policy, seed=0).ok
+    with torch.no_grad():
+        model.weight.mul_(2.0)
+    failures = initrules.check(model, policy).failures
+    assert [failure.check for failure in failures] == ["statistics"]
+    assert failures[0].message.endswith("8 of 64 values differ from what eye writes")
+
+
+def test_dirac_checked_exactly() -> None:
+    policy = policy_text("dirac")
+    model = nn.Conv2d(4, 4, 3)
+    assert initrules.apply(model, policy, seed=0).ok
+    with torch.no_grad():
+        model.weight[0, 0, 0, 0] = 1.0
+    failures = initrules.check(model, policy).failures
+    assert [failure.check for failure in failures] == ["statistics"]
+
+
+def test_dense_matrix_fails_sparse_check() -> None:
+    policy = policy_text("{scheme: sparse, sparsity: 0.5, std: 0.01}")
+    model = nn.Linear(64, 64)
+    assert initrules.apply(model, policy, seed=0).ok
+    with torch.no_grad():
+        model.weight.normal_(0.0, float(model.weight.std()))
+    failures = initrules.check(model, policy).failures
+    assert "statistics" in [failure.check for failure in failures]
+    assert any("zeroes 32 of the 64 values" in f.message for f in failures)
+
+
+def test_keep_rule_expect_judged_by_apply() -> None:
+    policy = initrules.load_policy(
+        text="checks: {on_failure: warn}\n"
+        "rules:\n"
+        "  - match: {param: weight}\n"
+        "    init: keep\n"
+        "    expect: {std: [0.01, 0.03]}\n"
+        "  - {match: {param: bias}, init: zeros}\n"
+    )
+    model = nn.Linear(64, 64)
+    with torch.no_grad():
+        model.weight.normal_(0.0, 5.0)
+    with pytest.warns(initrules.InitRulesWarning):
+        report = initrules.apply(model, policy, seed=0)
+    assert [failure.check for failure in report.failures] == ["expect"]
+    assert [failure.check for failure in initrules.check(model, policy).failures] == [
+        "expect"
+    ]
+
+
+def test_constant_underflow_is_plan_error() -> None:
+    policy = policy_text("{scheme: constant, val: 1.0e-8}")
+    model = nn.Linear(4, 4).half()
+    with pytest.raises(initrules.PlanError) as caught:
+        initrules.apply(model, policy, seed=0)
+    assert "constant 1e-08 rounds to 0 in float16" in str(caught.value)
+
+
+def test_constant_message_shows_full_precision() -> None:
+    policy = policy_text("{scheme: constant, val: 0.1}")
+    model = nn.Linear(4, 4)
+    initrules.apply(model, policy, seed=0)
+    with torch.no_grad():
+        model.weight[0, 0] = torch.nextafter(torch.tensor(0.1), torch.tensor(1.0))
+    failures = initrules.check(model, policy).failures
+    assert len(failures) == 1
+    assert "1 of 16 values differ" in failures[0].message
+
+
+def test_default_scheme_skips_scale_check() -> None:
+    # torch's own LSTM init scales by hidden_size, far from sqrt(2 / fan_in).
+    policy = initrules.load_policy(text="rules:\n  - {match: {}, init: default}\n")
+    assert initrules.apply(nn.LSTM(4096, 8), policy, seed=0).ok
+
+
+def test_expect_rejects_nan_bound() -> None:
+    text = (
+        "rules:\n"
+        "  - match: {param: weight}\n"
+        "    init: zeros\n"
+        "    expect: {std: [.nan, 1.0]}\n"
+    )
+    with pytest.raises(initrules.PolicyError):
+        initrules.load_policy(text=text)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_narrow_dtype_std_error_caught(dtype: torch.dtype) -> None:
+    # Rounding to a narrow dtype barely moves the std of 4M values, so a 2%
+    # error must not hide behind the dtype's epsilon.
+    policy = policy_text("{scheme: normal, std: 0.02}")
+    model = nn.Linear(2048, 2048).to(dtype)
+    initrules.apply(model, policy, seed=0)
+    with torch.no_grad():
+        model.weight.mul_(1.02)
+    checks = [failure.check for failure in initrules.check(model, policy).failures]
+    assert "statistics" in checks

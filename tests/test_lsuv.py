@@ -734,3 +734,27 @@ def test_default_base_rejected() -> None:
         initrules.load_policy(text=text)
 
     assert "base scheme 'default' cannot start an lsuv draw" in str(caught.value)
+
+
+def test_saturated_output_stalls_and_restores_base() -> None:
+    # A bias far larger than the weight's contribution sets the output std,
+    # so rescaling the weight cannot reach the target.
+    policy = load(
+        """\
+        checks: {on_failure: warn}
+        rules:
+          - match: {param: weight}
+            init: {scheme: lsuv, base: {scheme: normal, std: 0.1}}
+          - {match: {param: bias}, init: {scheme: normal, std: 10.0}}
+        """
+    )
+    model = nn.Linear(32, 32)
+    with pytest.warns(initrules.InitRulesWarning):
+        report = initrules.apply(model, policy, seed=0, data=batch(64, 32))
+    result = report.lsuv[0]
+    assert result.converged is False
+    assert result.reason == "stalled"
+    assert "however the weight is scaled" in report.failures[0].message
+    assert "the root module" in report.failures[0].message
+    # The weight keeps its base draw, std 0.1, not a rescaled extreme.
+    assert math.isclose(float(model.weight.detach().std()), 0.1, rel_tol=0.2)

@@ -664,3 +664,23 @@ def test_str_mentions_flags() -> None:
     assert report.flags[0].message in str(report)
     assert "the root module (Linear)" in str(report)
     assert growth.flags[0].message in str(growth)
+
+
+def test_dead_last_layer_flags_shrink() -> None:
+    model = nn.Sequential(*[nn.Linear(64, 64) for _ in range(6)])
+    with torch.no_grad():
+        model[5].weight.zero_()
+        model[5].bias.zero_()
+    flags = probe(model, torch.randn(2, 64)).flags
+    assert [flag.kind for flag in flags] == ["shrink"]
+    assert "shrinks to zero" in flags[0].message
+
+
+def test_dead_first_layer_flags_growth() -> None:
+    model = nn.Sequential(*[nn.Linear(64, 64) for _ in range(6)])
+    with torch.no_grad():
+        model[0].weight.zero_()
+        model[0].bias.zero_()
+    flags = probe(model, torch.randn(2, 64)).flags
+    assert [flag.kind for flag in flags] == ["growth"]
+    assert "grows without bound" in flags[0].message
