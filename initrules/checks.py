@@ -92,10 +92,16 @@ def measure(tensor: torch.Tensor) -> Measured | None:
 # normal values) while running at the speed of one vectorized pass.
 _BLOCK = 4096
 
-# When the mean is this large against the std, the shortcut
-# var = (sum of squares - n * mean**2) / (n - 1) loses too many digits, so the
-# values are centered first.
+# When n * mean**2 exceeds the centered sum of squares by this factor, the
+# shortcut var = (sum of squares - n * mean**2) / (n - 1) loses too many
+# digits, so the values are centered first. The blocked sums keep about 8
+# digits and the float64 ones about 15.
 _CANCELLATION_RATIO = 1000.0
+_CANCELLATION_RATIO_FLOAT64 = 1e9
+
+
+# Tensors up to this many elements take their statistics in float64.
+_SMALL_TENSOR = 1 << 16
 
 
 def _sum_of_squares(values: torch.Tensor) -> float:
@@ -119,6 +125,17 @@ def _mean_std(values: torch.Tensor) -> tuple[float, float]:
     and several times faster.
     """
     count = values.numel()
+    if count <= _SMALL_TENSOR:
+        # One float64 copy and two reductions beat the blocked path's several
+        # calls here, and float64 keeps the shortcut below exact enough.
+        wide = values.double()
+        mean = float(wide.sum()) / count
+        if not math.isfinite(mean):
+            return mean, math.nan
+        centered = float(wide.dot(wide)) - count * mean * mean
+        if count * mean * mean > _CANCELLATION_RATIO_FLOAT64 * max(centered, 0.0):
+            centered = float((wide - mean).square().sum())
+        return mean, math.sqrt(max(centered, 0.0) / (count - 1))
     mean = float(values.sum()) / count
     if not math.isfinite(mean):
         return mean, math.nan
@@ -190,13 +207,16 @@ def _failure(
     check: str,
     name: str,
     text: str,
-    rule: str | None,
+    rule: PlannedTensor | None,
     *,
     measured: float | None = None,
     expected: float | None = None,
     allowed: tuple[float, float] | None = None,
 ) -> CheckFailure:
-    where = f" ({rule})" if rule else ""
+    # The rule's label is built only here, for a failure: building it for
+    # every tensor cost more than the checks themselves on deep models.
+    label = _rule_label(rule) if rule is not None else None
+    where = f" ({label})" if label else ""
     return CheckFailure(
         check=check,
         tensor=name,
@@ -204,7 +224,7 @@ def _failure(
         measured=measured,
         expected=expected,
         allowed=allowed,
-        rule=rule,
+        rule=label,
     )
 
 
@@ -240,7 +260,7 @@ def _scale_failures(
     if fan_in is None:
         return []
     name = item.entry.name
-    rule = _rule_label(item)
+    rule = item
     reference = math.sqrt(2.0 / fan_in)
     low, high = checks.scale_range
     ratio = std / reference
@@ -293,7 +313,7 @@ def _expect_failures(
     if expect is None:
         return []
     name = item.entry.name
-    rule = _rule_label(item)
+    rule = item
     failures = []
     for quantity, value, bounds in (
         ("mean", mean, expect.mean),
@@ -388,7 +408,7 @@ def _statistics_failures(
     tensor = item.entry.tensor
     numel = tensor.numel()
     name = item.entry.name
-    rule = _rule_label(item)
+    rule = item
     scheme = item.scheme.name
     if expected.std == 0:
         target = _round_to(expected.mean, tensor.dtype)
@@ -463,10 +483,11 @@ def _orthogonality_failures(item: PlannedTensor) -> list[CheckFailure]:
     its transpose when it has more rows than columns) is compared with
     gain**2 times the identity.
     """
-    args = item.match.rule.init.args
-    gain = getattr(args, "gain", 1.0)
+    if item.scheme.name != "orthogonal":
+        return []
+    gain = getattr(item.match.rule.init.args, "gain", 1.0)
     tensor = item.entry.tensor.detach()
-    if item.scheme.name != "orthogonal" or gain == 0 or tensor.numel() == 0:
+    if gain == 0 or tensor.numel() == 0:
         return []
     matrix = tensor.reshape(tensor.shape[0], -1).double()
     if matrix.shape[0] > matrix.shape[1]:
@@ -487,7 +508,7 @@ def _orthogonality_failures(item: PlannedTensor) -> list[CheckFailure]:
             f"the first {gram.shape[0]} rows of the orthogonal matrix are not "
             f"orthonormal: their Gram matrix differs from gain**2 * I by up to "
             f"{error:.3g} (accepted: {limit:.2g})",
-            _rule_label(item),
+            item,
             measured=error,
             expected=0.0,
             allowed=(0.0, limit),
@@ -514,7 +535,7 @@ def _exact_failures(item: PlannedTensor) -> list[CheckFailure]:
             "statistics",
             item.entry.name,
             f"{differ} of {tensor.numel()} values differ from what {name} writes",
-            _rule_label(item),
+            item,
             measured=float(differ),
             expected=0.0,
         )
@@ -540,7 +561,7 @@ def _sparsity_failures(item: PlannedTensor) -> list[CheckFailure]:
             f"a column has {fewest} zeros, but sparse with sparsity "
             f"{args.sparsity:g} zeroes {required} of the {tensor.shape[0]} values "
             "in every column",
-            _rule_label(item),
+            item,
             measured=float(fewest),
             expected=float(required),
         )
@@ -555,7 +576,7 @@ def _bounds_failures(
     tensor = item.entry.tensor
     dtype = tensor.dtype
     name = item.entry.name
-    rule = _rule_label(item)
+    rule = item
     # Rounding is monotone, so every draw inside [a, b] lands inside the
     # rounded bounds, which may lie just outside [a, b].
     low, high = (_round_to(bound, dtype) for bound in expected.support)
@@ -608,6 +629,7 @@ def tensor_failures(
     checks: Checks,
     *,
     judge_arguments: bool = False,
+    switches: Switches | None = None,
 ) -> list[CheckFailure]:
     """Return the checks that a tensor's values fail.
 
@@ -619,8 +641,10 @@ def tensor_failures(
         judge_arguments: Also run the checks that :func:`plan_failures` runs
             on the arguments (for a model initialized elsewhere); otherwise
             the scale check here covers only schemes without known statistics.
+        switches: The rule's switches, when the caller has them already.
     """
-    switches = switches_for(checks, item.match.rule)
+    if switches is None:
+        switches = switches_for(checks, item.match.rule)
     if measured is None:
         return []
     max_abs = max(abs(measured.min), abs(measured.max))
@@ -640,7 +664,7 @@ def tensor_failures(
                     "finite",
                     name,
                     f"{bad} of {values.numel()} values are NaN or Inf",
-                    _rule_label(item),
+                    item,
                     measured=float(bad),
                     expected=0.0,
                 )

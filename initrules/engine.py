@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import warnings
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -12,9 +13,11 @@ from torch import nn
 
 from initrules.checks import (
     Measured,
+    Switches,
     expected_for,
     measure,
     plan_failures,
+    switches_for,
     tensor_failures,
     tie_failures,
 )
@@ -238,19 +241,54 @@ def _record_rows(
     would zero are assumed zeroed.
     """
     checks = plan.policy.checks
+    rules: dict[int, _RuleFacts] = {}
     for item in plan.planned:
         if zeroed is None:
             zeroed_rows = 0 if _padding_index(item) is None else 1
         else:
             zeroed_rows = zeroed.get(id(item.entry.tensor), 0)
+        facts = rules.get(item.match.rule_index)
+        if facts is None:
+            facts = rules[item.match.rule_index] = _RuleFacts.of(item, checks)
         measured = measure(item.entry.tensor)
         expected = expected_for(item, zeroed_rows)
-        report.rows.append(_row(item, measured, expected, zeroed_rows))
+        report.rows.append(_row(item, measured, expected, zeroed_rows, facts))
         if checks.enabled:
             found = tensor_failures(
-                item, measured, expected, checks, judge_arguments=judge_arguments
+                item,
+                measured,
+                expected,
+                checks,
+                judge_arguments=judge_arguments,
+                switches=facts.switches,
             )
-            _add_failures(report, found)
+            if found:
+                _add_failures(report, found)
+
+
+@dataclass(frozen=True)
+class _RuleFacts:
+    """What every row of one rule shares, computed once per rule and run.
+
+    Reading a Pydantic model's fields and private attributes costs
+    microseconds each, which adds up over thousands of tensors.
+    """
+
+    name: str | None
+    location: str | None
+    args: dict[str, Any]
+    switches: Switches
+
+    @classmethod
+    def of(cls, item: PlannedTensor, checks: Checks) -> _RuleFacts:
+        rule = item.match.rule
+        location = rule.location
+        return cls(
+            name=rule.name,
+            location=str(location) if location else None,
+            args=rule.init.args.model_dump(),
+            switches=switches_for(checks, rule),
+        )
 
 
 def _add_failures(report: Report, failures: list[CheckFailure]) -> None:
@@ -390,10 +428,10 @@ def _row(
     measured: Measured | None,
     expected: ExpectedStats | None,
     zeroed_rows: int,
+    facts: _RuleFacts,
 ) -> Row:
     entry = item.entry
     tensor = entry.tensor
-    rule = item.match.rule
     return Row(
         name=entry.name,
         aliases=tuple(entry.aliases),
@@ -402,10 +440,10 @@ def _row(
         module_type=type(entry.module).__name__,
         kind=entry.info.kind,
         rule_index=item.match.rule_index,
-        rule_name=rule.name,
-        rule_location=str(rule.location) if rule.location else None,
+        rule_name=facts.name,
+        rule_location=facts.location,
         scheme=item.scheme.name,
-        args=rule.init.args.model_dump(),
+        args=dict(facts.args),
         captures=dict(item.match.captures),
         mean=measured.mean if measured else None,
         std=measured.std if measured else None,

@@ -263,6 +263,8 @@ def make_plan(
     skipped: list[SkippedTensor] = []
     untouched: list[str] = []
     problems: list[PlanProblem] = []
+    # Labels are built only when they are logged: one costs a few microseconds.
+    debug = logger.isEnabledFor(logging.DEBUG)
     for entry in parameters + buffers:
         result = matcher.match(entry.info, all_matches=all_matches)
         if result is None:
@@ -280,12 +282,13 @@ def make_plan(
             skipped.append(SkippedTensor(entry, "zero elements", result))
             continue
         planned.append(PlannedTensor(entry, result, scheme))
-        logger.debug(
-            "%s -> %s (%s)",
-            entry.name,
-            result.rule.label(result.rule_index),
-            scheme.name,
-        )
+        if debug:
+            logger.debug(
+                "%s -> %s (%s)",
+                entry.name,
+                result.rule.label(result.rule_index),
+                scheme.name,
+            )
 
     if problems and raise_problems:
         _raise_problems([problem.message for problem in problems])
