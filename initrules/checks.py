@@ -45,7 +45,7 @@ __all__ = [
 # for the rounding of each value to the dtype and of the reductions.
 _ROUNDING_UNITS = 4.0
 
-# A few values on a bound are always accepted, whatever the rounding says.
+# A few values on a bound are always accepted, whatever rounding explains.
 _BOUND_SLACK = 2
 
 
@@ -69,7 +69,7 @@ def measure(tensor: torch.Tensor) -> Measured | None:
 
     ``None`` for tensors without a real order: empty, boolean or complex. A
     NaN anywhere makes the mean NaN and an Inf makes a bound infinite, so
-    :attr:`Measured.finite` tells whether every value is finite.
+    :attr:`Measured.finite` is True only if every value is finite.
     """
     if tensor.numel() == 0 or tensor.dtype == torch.bool or tensor.is_complex():
         return None
@@ -253,7 +253,7 @@ def _scale_failures(
 ) -> list[CheckFailure]:
     """Judge a std and mean against sqrt(2 / fan_in) of the owning module.
 
-    ``source`` says where the numbers come from ("the arguments imply" or
+    ``source`` names where the numbers come from ("the arguments imply" or
     "measured"), for the message.
     """
     fan_in = _feeds_linear_map(item.entry)
@@ -650,7 +650,7 @@ def tensor_failures(
     max_abs = max(abs(measured.min), abs(measured.max))
     expect = _expect_failures(item, measured.mean, measured.std, max_abs, "measured")
     if not item.scheme.writes and not judge_arguments:
-        # A kept tensor holds what the user put there: only its rule's own
+        # A kept tensor contains what the user put there, so only its rule's own
         # bounds apply.
         return expect
     name = item.entry.name

@@ -329,7 +329,7 @@ def _run_probe(report: Report, model: nn.Module, inputs: Any, checks: Checks) ->
 
 
 def _settle(report: Report, on_failure: str) -> None:
-    """Raise or warn about the report's failures, as the policy says."""
+    """Raise or warn about the report's failures, as the policy's on_failure sets."""
     if not report.failures:
         return
     if on_failure == "raise":
