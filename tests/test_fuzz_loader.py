@@ -116,10 +116,23 @@ def test_load_gives_policy_or_positioned_error(text: str) -> None:
         assert isinstance(policy, Policy)
 
 
+class QuotedDumper(yaml.SafeDumper):
+    """Quote every string, since PyYAML's YAML 1.1 dumper leaves strings such
+    as '0E0' plain, which YAML 1.2 (and so the loader) reads as numbers."""
+
+
+QuotedDumper.add_representer(
+    str,
+    lambda dumper, value: dumper.represent_scalar(
+        "tag:yaml.org,2002:str", value, style='"'
+    ),
+)
+
+
 @settings(max_examples=200, deadline=None)
 @given(POLICY)
 def test_valid_policies_round_trip(data: dict[str, object]) -> None:
-    policy = load_policy(text=yaml.safe_dump(data))
+    policy = load_policy(text=yaml.dump(data, Dumper=QuotedDumper))
     assert len(policy.rules) == len(data["rules"])  # type: ignore[arg-type]
     for rule in policy.rules:
         assert rule.init.scheme in scheme_names()
