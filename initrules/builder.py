@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -152,7 +152,8 @@ def build(
         dtype: Floating-point dtype of parameters and buffers, as
             ``model.to(dtype)`` would give; ``None`` keeps the factory's.
         seed: Seed of the per-tensor generators, as for :func:`apply`.
-        **apply_options: Passed to :func:`apply` (``probe_inputs``, ``data``).
+        **apply_options: Passed to :func:`apply` (``probe_inputs``, ``data``,
+            ``vars``).
 
     Returns:
         The model and the report of its initialization.
@@ -178,7 +179,7 @@ def build(
         raise TypeError(
             f"factory must return a torch.nn.Module, got {type(model).__name__}"
         )
-    _check_plan(model, resolved)
+    _check_plan(model, resolved, apply_options.get("vars"))
     _materialize(model, torch.device(device), dtype)
     strict = resolved.model_copy(update={"on_unmatched": "error"})
     report = apply(model, strict, seed=seed, **apply_options)
@@ -186,9 +187,11 @@ def build(
     return model, report
 
 
-def _check_plan(model: nn.Module, policy: Policy) -> None:
+def _check_plan(
+    model: nn.Module, policy: Policy, variables: Mapping[str, float] | None
+) -> None:
     """Reject what would leave memory uninitialized, before allocating any."""
-    plan = make_plan(model, policy, allow_meta=True)
+    plan = make_plan(model, policy, allow_meta=True, variables=variables)
     if plan.unmatched:
         raise UnmatchedTensorsError(
             [entry.name for entry in plan.unmatched],

@@ -184,7 +184,7 @@ def expected_for(item: PlannedTensor, zeroed_rows: int = 0) -> ExpectedStats | N
             embedding's padding row), which shift the mean and std.
     """
     shape = tuple(item.entry.tensor.shape)
-    expected = expected_stats(item.scheme.name, shape, item.match.rule.init.args)
+    expected = expected_stats(item.scheme.name, shape, item.args)
     if expected is None or zeroed_rows == 0:
         return expected
     zeroed = zeroed_rows / shape[0]
@@ -485,7 +485,7 @@ def _orthogonality_failures(item: PlannedTensor) -> list[CheckFailure]:
     """
     if item.scheme.name != "orthogonal":
         return []
-    gain = getattr(item.match.rule.init.args, "gain", 1.0)
+    gain = getattr(item.args, "gain", 1.0)
     tensor = item.entry.tensor.detach()
     if gain == 0 or tensor.numel() == 0:
         return []
@@ -526,7 +526,7 @@ def _exact_failures(item: PlannedTensor) -> list[CheckFailure]:
     if name == "eye":
         nn.init.eye_(reference)
     else:
-        nn.init.dirac_(reference, getattr(item.match.rule.init.args, "groups", 1))
+        nn.init.dirac_(reference, getattr(item.args, "groups", 1))
     differ = int(torch.count_nonzero(tensor != reference))
     if differ == 0:
         return []
@@ -544,7 +544,7 @@ def _exact_failures(item: PlannedTensor) -> list[CheckFailure]:
 
 def _sparsity_failures(item: PlannedTensor) -> list[CheckFailure]:
     """Check that ``sparse`` left its share of zeros in every column."""
-    args = item.match.rule.init.args
+    args = item.args
     if item.scheme.name != "sparse" or not isinstance(args, SparseArgs):
         return []
     tensor = item.entry.tensor.detach()

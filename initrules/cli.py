@@ -139,6 +139,14 @@ def _build_parser() -> argparse.ArgumentParser:
     apply_parser.add_argument("policy", metavar="POLICY", help="the policy file")
     _add_model_options(apply_parser, required=True)
     apply_parser.add_argument(
+        "--var",
+        action="append",
+        default=[],
+        type=_variable,
+        metavar="NAME=NUMBER",
+        help="override a var of the policy's argument expressions (repeatable)",
+    )
+    apply_parser.add_argument(
         "--seed",
         type=int,
         help="seed of the per-tensor generators (default: torch's global one)",
@@ -345,9 +353,12 @@ def _run_explain(args: argparse.Namespace) -> int:
                 label = policy.rules[index].label(index)
                 print(f"  {label} fails only on {predicate} (tensor has {value})")
             continue
+        init = result.rule.init
         args_text = ", ".join(
-            f"{key}={value}"
-            for key, value in result.rule.init.args.model_dump().items()
+            f"{key}={init.expressions[key].text!r}"
+            if key in init.expressions
+            else f"{key}={value}"
+            for key, value in init.args.model_dump().items()
         )
         print(f"  winner: {result.rule.label(result.rule_index)}")
         print(f"    init: {result.rule.init.scheme}({args_text})")
@@ -359,6 +370,20 @@ def _run_explain(args: argparse.Namespace) -> int:
 
 
 # --- apply and schema --------------------------------------------------------------
+
+
+def _variable(text: str) -> tuple[str, float]:
+    """Parse ``NAME=NUMBER`` for --var."""
+    name, equals, value = text.partition("=")
+    try:
+        number = float(value)
+    except ValueError:
+        number = None
+    if not equals or not name.isidentifier() or number is None:
+        raise argparse.ArgumentTypeError(
+            f"invalid --var {text!r}: expected NAME=NUMBER, such as n_layer=24"
+        )
+    return name, number
 
 
 _IDS_PREFIX = "ids:"
@@ -424,7 +449,13 @@ def _run_apply(args: argparse.Namespace) -> int:
     if count > _PROGRESS_THRESHOLD:
         print(f"initializing {count:,} parameters ...", file=sys.stderr, flush=True)
     try:
-        report = apply(model, policy, seed=args.seed, probe_inputs=probe_inputs)
+        report = apply(
+            model,
+            policy,
+            seed=args.seed,
+            probe_inputs=probe_inputs,
+            vars=dict(args.var),
+        )
     except CheckError as error:
         # The report is the useful output; the exit code says that checks failed.
         print(error.report)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -69,6 +70,7 @@ def apply(
     seed: int | None = None,
     probe_inputs: Any = None,
     data: Any = None,
+    vars: Mapping[str, float] | None = None,
 ) -> Report:
     """Initialize the tensors of ``model`` by ``policy``, check them, return the report.
 
@@ -92,6 +94,8 @@ def apply(
             dict of keyword arguments, or one tensor.
         data: A batch for data-dependent schemes (``lsuv``), in the same
             forms as ``probe_inputs``; needed only when the policy uses one.
+        vars: Values that override the policy's ``vars`` in argument
+            expressions, such as ``{"n_layer": 24}``.
 
     Returns:
         The report of what each tensor got and of every failed check.
@@ -119,7 +123,7 @@ def apply(
     """
     _check_seed(seed)
     resolved = resolve_policy(policy)
-    plan = make_plan(model, resolved)
+    plan = make_plan(model, resolved, variables=vars)
     _require_data(plan, data)
     _handle_unmatched(plan)
     report = _new_report(plan, seed)
@@ -163,7 +167,11 @@ def apply(
 
 
 def check(
-    model: nn.Module, policy: PolicySource, *, probe_inputs: Any = None
+    model: nn.Module,
+    policy: PolicySource,
+    *,
+    probe_inputs: Any = None,
+    vars: Mapping[str, float] | None = None,
 ) -> Report:
     """Run the policy's checks on a model initialized elsewhere, writing nothing.
 
@@ -176,6 +184,7 @@ def check(
         policy: A policy file path or a :class:`Policy`.
         probe_inputs: Example inputs for a forward-pass probe, as for
             :func:`apply`.
+        vars: Values that override the policy's ``vars``, as for :func:`apply`.
 
     Returns:
         The report, with ``failures`` listing every failed check; call
@@ -186,7 +195,7 @@ def check(
         PlanError: A scheme cannot apply to a tensor, or the model is on meta.
     """
     resolved = resolve_policy(policy)
-    plan = make_plan(model, resolved)
+    plan = make_plan(model, resolved, variables=vars)
     report = _new_report(plan, None)
     report.failures += plan_failures(plan)
     _record_rows(report, plan, None, judge_arguments=True)
@@ -276,7 +285,7 @@ class _RuleFacts:
 
     name: str | None
     location: str | None
-    args: dict[str, Any]
+    args: dict[str, Any] | None  # None when expressions make them per tensor
     switches: Switches
 
     @classmethod
@@ -286,7 +295,7 @@ class _RuleFacts:
         return cls(
             name=rule.name,
             location=str(location) if location else None,
-            args=rule.init.args.model_dump(),
+            args=None if rule.init.expressions else rule.init.args.model_dump(),
             switches=switches_for(checks, rule),
         )
 
@@ -377,7 +386,7 @@ def _fill(item: PlannedTensor, seed: int | None) -> int:
     """Write one tensor; return how many rows were zeroed after the draw."""
     entry = item.entry
     tensor = entry.tensor
-    args = item.match.rule.init.args
+    args = item.args
     draw = item.scheme.draw
     if seed is not None and draw is not None and tensor.numel() > CHUNK_ELEMENTS:
         fill_chunked(tensor, draw(tuple(tensor.shape), args), seed, entry.name)
@@ -443,7 +452,7 @@ def _row(
         rule_name=facts.name,
         rule_location=facts.location,
         scheme=item.scheme.name,
-        args=dict(facts.args),
+        args=dict(facts.args) if facts.args is not None else item.args.model_dump(),
         captures=dict(item.match.captures),
         mean=measured.mean if measured else None,
         std=measured.std if measured else None,

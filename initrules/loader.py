@@ -13,11 +13,13 @@ import re
 from pathlib import Path
 from typing import Any
 
+import regex
 import yaml
 from pydantic import ValidationError
 from pydantic_core import ErrorDetails
 
 from initrules.errors import PolicyError, SourceLocation
+from initrules.expressions import BUILTIN_NAMES
 from initrules.schema import InitSpec, Match, Policy, Rule
 from initrules.schemes import get_scheme
 
@@ -85,7 +87,30 @@ def _parse(text: str, source: str) -> Policy:
     policy._path = source
     for index, rule in enumerate(policy.rules):
         rule._location = positions.value_at(("rules", index))
+    _check_expression_names(policy, positions)
     return policy
+
+
+def _check_expression_names(policy: Policy, positions: _Positions) -> None:
+    """Reject names that no var, regex group or built-in name defines."""
+    for index, rule in enumerate(policy.rules):
+        groups: set[str] = set()
+        if rule.match.regex is not None:
+            groups = set(regex.compile(rule.match.regex).groupindex)
+        known = set(policy.vars) | groups | BUILTIN_NAMES
+        for key, expression in rule.init.expressions.items():
+            unknown = sorted(expression.names - known)
+            if not unknown:
+                continue
+            location = positions.value_at(("rules", index, "init", key))
+            defined = ", ".join(sorted(known))
+            raise PolicyError.at(
+                location,
+                f"'init.{key}' of rule {index + 1}: unknown name {unknown[0]!r} in "
+                f"{expression.text!r}; names defined here: {defined} (declare "
+                "others under 'vars', or name a group of the rule's regex)",
+                path=positions.source,
+            )
 
 
 class _Positions:

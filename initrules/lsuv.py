@@ -102,7 +102,7 @@ def run_lsuv(model: nn.Module, plan: Plan, data: Any) -> list[LsuvResult]:
     with preserved(model):
         for index in _forward_order(model, items, data):
             item = items[index]
-            args = item.match.rule.init.args
+            args = item.args
             assert isinstance(args, LsuvArgs)
             results.append(_tune(model, item, args, data, names))
     return results

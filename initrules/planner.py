@@ -9,17 +9,21 @@ once, under their first name in module order.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+import math
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
 import torch
+from pydantic import ValidationError
 from torch import nn
 from torch.nn.parameter import UninitializedBuffer, UninitializedParameter
 
 from initrules.errors import PlanError
+from initrules.expressions import ExpressionError, Scope
+from initrules.fans import true_fan_in
 from initrules.matcher import Matcher, MatchResult, TensorInfo
 from initrules.schema import Policy
-from initrules.schemes import Scheme, get_scheme
+from initrules.schemes import Scheme, SchemeArgs, compute_fans, get_scheme
 
 __all__ = [
     "Plan",
@@ -73,11 +77,20 @@ class TensorEntry:
 
 @dataclass
 class PlannedTensor:
-    """A tensor with its winning rule and the scheme that will fill it."""
+    """A tensor with its winning rule and the scheme that will fill it.
+
+    Attributes:
+        entry: The tensor.
+        match: Its winning rule.
+        scheme: The scheme that fills it.
+        args: The scheme's arguments for this tensor, with the rule's
+            expressions evaluated (the rule's own arguments when it has none).
+    """
 
     entry: TensorEntry
     match: MatchResult
     scheme: Scheme
+    args: SchemeArgs
 
 
 @dataclass
@@ -236,6 +249,7 @@ def make_plan(
     all_matches: bool = False,
     allow_meta: bool = False,
     raise_problems: bool = True,
+    variables: Mapping[str, float] | None = None,
 ) -> Plan:
     """Resolve the winning rule of every tensor and check every scheme.
 
@@ -247,6 +261,8 @@ def make_plan(
             built without memory); the plan then cannot be applied.
         raise_problems: Raise on tensors a scheme cannot fill; when False,
             list them in ``Plan.problems`` instead.
+        variables: Values that override the policy's ``vars`` in argument
+            expressions.
 
     Raises:
         PlanError: The model is on the meta device, or some scheme cannot
@@ -257,6 +273,7 @@ def make_plan(
     if not allow_meta:
         _reject_meta(parameters + buffers)
     matcher = Matcher(policy)
+    resolver = ArgumentResolver(model, policy, variables)
 
     planned: list[PlannedTensor] = []
     unmatched: list[TensorEntry] = []
@@ -274,14 +291,18 @@ def make_plan(
                 untouched.append(entry.name)
             continue
         scheme = get_scheme(result.rule.init.scheme)
-        problem = _check(entry, result, scheme)
+        args = resolver.resolve(entry, result, scheme)
+        if isinstance(args, PlanProblem):
+            problems.append(args)
+            continue
+        problem = _check(entry, result, scheme, args)
         if problem is not None:
             problems.append(problem)
             continue
         if entry.tensor.numel() == 0 and scheme.writes:
             skipped.append(SkippedTensor(entry, "zero elements", result))
             continue
-        planned.append(PlannedTensor(entry, result, scheme))
+        planned.append(PlannedTensor(entry, result, scheme, args))
         if debug:
             logger.debug(
                 "%s -> %s (%s)",
@@ -295,6 +316,109 @@ def make_plan(
     return Plan(policy, planned, unmatched, skipped, untouched, problems)
 
 
+class ArgumentResolver:
+    """Evaluates a rule's argument expressions for each tensor it wins.
+
+    Rules without expressions keep their validated arguments. For the
+    others, each tensor gets the names it needs (vars, regex groups, fans,
+    numel, shape, the owning module's and the model's config attributes)
+    and its own validated arguments.
+    """
+
+    def __init__(
+        self, model: nn.Module, policy: Policy, variables: Mapping[str, float] | None
+    ) -> None:
+        self.variables = {**policy.vars, **(variables or {})}
+        self.config = _model_config(model)
+
+    def resolve(
+        self, entry: TensorEntry, result: MatchResult, scheme: Scheme
+    ) -> SchemeArgs | PlanProblem:
+        """Return the tensor's arguments, or the problem that prevents them."""
+        init = result.rule.init
+        if not init.expressions:
+            return init.args
+        shape = tuple(entry.tensor.shape)
+        values: dict[str, float] = dict(self.variables)
+        for key, value in result.captures.items():
+            if value.isdigit():
+                values[key] = int(value)
+        names = set().union(*(e.names for e in init.expressions.values()))
+        try:
+            values.update(self._fans(entry, names))
+            values["numel"] = math.prod(shape)
+            scope = Scope(values, shape, entry.module, self.config)
+            evaluated = {
+                key: expression.evaluate(scope)
+                for key, expression in init.expressions.items()
+            }
+        except ExpressionError as error:
+            return _problem(
+                entry,
+                result,
+                f"argument expression failed: {error}",
+                "fix the expression, or give the names it uses a value under 'vars'",
+            )
+        try:
+            return scheme.args_model.model_validate(
+                {**init.args.model_dump(), **evaluated}
+            )
+        except ValidationError as error:
+            shown = "; ".join(
+                f"{'.'.join(map(str, detail['loc'])) or 'arguments'}: {detail['msg']}"
+                for detail in error.errors()
+            )
+            values_text = ", ".join(
+                f"{key}={value:.6g}" for key, value in evaluated.items()
+            )
+            return _problem(
+                entry,
+                result,
+                f"the evaluated arguments ({values_text}) are invalid: {shown}",
+                "change the expression so that it gives a valid value",
+            )
+
+    @staticmethod
+    def _fans(entry: TensorEntry, names: set[str]) -> dict[str, float]:
+        if not names & {"fan_in", "fan_out"}:
+            return {}
+        shape = tuple(entry.tensor.shape)
+        if len(shape) < 2:
+            raise ExpressionError(
+                f"fan_in and fan_out need a tensor with at least 2 dimensions, "
+                f"got {len(shape)}-D"
+            )
+        fan_in, fan_out = compute_fans(shape)
+        true_in = true_fan_in(entry.module, entry.info.local_name, shape)
+        if true_in is not None and (true_in, len(shape)) == (shape[0], 2):
+            # A weight stored as (in, out), like transformers' Conv1D.
+            fan_out = shape[1]
+        # NOTE: fan_out follows torch's convention for every other layout,
+        # including transposed convolutions.
+        return {"fan_in": true_in or fan_in, "fan_out": fan_out}
+
+
+def _model_config(model: nn.Module) -> object | None:
+    """Return the config of a transformers model (or its wrapper), if any."""
+    config = None
+    for prefix, module, _ in walk_modules(model):
+        if prefix:
+            break
+        config = getattr(module, "config", None) or config
+    return config
+
+
+def _problem(
+    entry: TensorEntry, result: MatchResult, reason: str, hint: str
+) -> PlanProblem:
+    dtype = str(entry.tensor.dtype).removeprefix("torch.")
+    detail = (
+        f"cannot initialize {entry.name!r} (shape {tuple(entry.tensor.shape)}, "
+        f"{dtype}): {reason}; {hint}"
+    )
+    return PlanProblem(entry, result, reason, detail)
+
+
 def _reject_meta(entries: list[TensorEntry]) -> None:
     meta = [entry.name for entry in entries if entry.tensor.is_meta]
     if meta:
@@ -306,7 +430,7 @@ def _reject_meta(entries: list[TensorEntry]) -> None:
 
 
 def _check(
-    entry: TensorEntry, result: MatchResult, scheme: Scheme
+    entry: TensorEntry, result: MatchResult, scheme: Scheme, args: SchemeArgs
 ) -> PlanProblem | None:
     tensor = entry.tensor
     shape = tuple(tensor.shape)
@@ -318,7 +442,7 @@ def _check(
         "earlier rule for this tensor"
     )
     if reason is None:
-        reason = scheme.check(shape, tensor.dtype, result.rule.init.args)
+        reason = scheme.check(shape, tensor.dtype, args)
         hint = "change the rule's arguments, or use another scheme for this tensor"
     needs_reset = scheme.needs_module_reset
     if reason is None and needs_reset and not _has_reset(entry.module):

@@ -24,9 +24,15 @@ from pydantic import (
     model_validator,
 )
 from pydantic.json_schema import JsonSchemaValue
-from pydantic_core import InitErrorDetails, PydanticCustomError, core_schema
+from pydantic_core import (
+    ErrorDetails,
+    InitErrorDetails,
+    PydanticCustomError,
+    core_schema,
+)
 
 from initrules.errors import SourceLocation
+from initrules.expressions import RESERVED_NAMES, Expression, ExpressionError
 from initrules.globs import GlobError, compile_glob
 from initrules.schemes import SchemeArgs, get_scheme, scheme_names
 
@@ -181,13 +187,23 @@ class InitSpec(BaseModel):
 
     In YAML this is either a bare scheme name (``init: zeros``) or a mapping
     with ``scheme`` and the scheme's arguments
-    (``init: {scheme: kaiming_normal, mode: fan_out}``).
+    (``init: {scheme: kaiming_normal, mode: fan_out}``). A numeric argument
+    may be an arithmetic expression in a string
+    (``std: "0.02 / sqrt(2 * config.n_layer)"``, see
+    :mod:`initrules.expressions`), evaluated for each tensor at plan time.
+
+    Attributes:
+        scheme: The scheme's name.
+        args: The validated arguments. With expressions, the fields they set
+            hold placeholders until the planner evaluates them per tensor.
+        expressions: The arguments given as expressions, by name.
     """
 
     model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
 
     scheme: str
     args: SchemeArgs
+    expressions: dict[str, Expression] = {}
 
     @model_validator(mode="before")
     @classmethod
@@ -201,7 +217,11 @@ class InitSpec(BaseModel):
                 "init_type",
                 "expected a scheme name or a mapping with 'scheme' and its arguments",
             )
-        if isinstance(data.get("args"), SchemeArgs) and set(data) == {"scheme", "args"}:
+        if isinstance(data.get("args"), SchemeArgs) and set(data) <= {
+            "scheme",
+            "args",
+            "expressions",
+        }:
             return data
         arguments = dict(data)
         name = arguments.pop("scheme", None)
@@ -218,7 +238,18 @@ class InitSpec(BaseModel):
                 f"unknown scheme {name!r}; valid schemes: {', '.join(scheme_names())}",
                 name,
             ) from None
-        return {"scheme": name, "args": scheme.args_model.model_validate(arguments)}
+        expressions: dict[str, Expression] = {}
+        for key, value in list(arguments.items()):
+            if isinstance(value, str) and _is_numeric(scheme.args_model, key):
+                try:
+                    expressions[key] = Expression.parse(value)
+                except ExpressionError as error:
+                    raise _error_at(key, "expression", str(error), value) from None
+        if not expressions:
+            args = scheme.args_model.model_validate(arguments)
+        else:
+            args = _template_args(scheme.args_model, arguments, expressions)
+        return {"scheme": name, "args": args, "expressions": expressions}
 
     @classmethod
     def __get_pydantic_json_schema__(
@@ -229,7 +260,10 @@ class InitSpec(BaseModel):
             args_schema = get_scheme(name).args_model.model_json_schema()
             properties = {
                 "scheme": {"const": name},
-                **args_schema.get("properties", {}),
+                **{
+                    key: _or_expression(value)
+                    for key, value in args_schema.get("properties", {}).items()
+                },
             }
             choices.append(
                 {
@@ -244,6 +278,64 @@ class InitSpec(BaseModel):
             "oneOf": choices,
             "description": cls.__doc__ and cls.__doc__.split("\n")[0],
         }
+
+
+def _or_expression(schema: JsonSchemaValue) -> JsonSchemaValue:
+    """Let a numeric argument's schema also accept an expression string."""
+    if schema.get("type") not in ("number", "integer"):
+        return schema
+    expression = {"type": "string", "description": "arithmetic expression"}
+    combined: JsonSchemaValue = {"anyOf": [schema, expression]}
+    if "default" in schema:
+        combined["default"] = schema["default"]
+    return combined
+
+
+def _is_numeric(model: type[SchemeArgs], key: str) -> bool:
+    field = model.model_fields.get(key)
+    return field is not None and field.annotation in (float, int)
+
+
+# Stands in for an expression while the other arguments are validated.
+_PLACEHOLDER = 1.0
+
+
+def _template_args(
+    model: type[SchemeArgs],
+    arguments: dict[str, Any],
+    expressions: dict[str, Expression],
+) -> SchemeArgs:
+    """Validate the constant arguments; expressions are checked per tensor.
+
+    The model is validated with a placeholder for each expression. Errors
+    on the other arguments are raised; errors the placeholders cause (a
+    bound order, a range) are left for the planner, which validates the
+    evaluated arguments of each tensor.
+    """
+    values = {**arguments, **dict.fromkeys(expressions, _PLACEHOLDER)}
+    try:
+        return model.model_validate(values)
+    except ValidationError as error:
+        real = [
+            _as_init_error(detail)
+            for detail in error.errors()
+            if detail["loc"] and detail["loc"][0] not in expressions
+        ]
+        if real:
+            raise ValidationError.from_exception_data(model.__name__, real) from None
+    return model.model_construct(None, **values)
+
+
+def _as_init_error(detail: ErrorDetails) -> InitErrorDetails:
+    """Turn a reported error back into one that can be raised again."""
+    error: InitErrorDetails = {
+        "type": detail["type"],
+        "loc": detail["loc"],
+        "input": detail["input"],
+    }
+    if "ctx" in detail:
+        error["ctx"] = detail["ctx"]
+    return error
 
 
 def _error_at(field: str, kind: str, message: str, value: Any) -> ValidationError:
@@ -421,6 +513,8 @@ class Policy(_Strict):
         on_unmatched: What to do with parameters that no rule matches:
             ``error`` (raise before writing), ``warn`` or ``keep``.
         rules: Rules in priority order: the first whose predicates hold wins.
+        vars: Numbers that argument expressions may use by name;
+            ``apply(..., vars=...)`` overrides them.
         checks: Which checks run on the initialized tensors, and what a
             failure does.
         lint_ignore: Lint codes silenced for the whole file, each with the reason.
@@ -431,10 +525,26 @@ class Policy(_Strict):
     description: str | None = None
     on_unmatched: Literal["error", "warn", "keep"] = "error"
     rules: list[Rule]
+    vars: dict[str, float] = {}
     checks: Checks = Checks()
     lint_ignore: dict[str, str | None] = {}
 
     _path: str = PrivateAttr(default="<text>")
+
+    @field_validator("vars")
+    @classmethod
+    def _var_names(cls, value: dict[str, float]) -> dict[str, float]:
+        for name in value:
+            if not name.isidentifier() or name.startswith("_"):
+                raise ValueError(
+                    f"invalid var name {name!r}: expected an identifier that does "
+                    "not start with '_'"
+                )
+            if name in RESERVED_NAMES:
+                raise ValueError(
+                    f"invalid var name {name!r}: it is reserved in expressions"
+                )
+        return value
 
     @property
     def path(self) -> str:

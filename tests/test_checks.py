@@ -39,7 +39,7 @@ MAX_POSITIONS = 128
 
 # The rule of gpt2.yaml that draws c_attn, c_fc, wte and wpe from N(0, 0.02).
 PROJECTION_RULE = "  - name: projection and embedding weights\n"
-PROJECTION_INIT = "init: {scheme: normal, mean: 0.0, std: 0.02}\n"
+PROJECTION_INIT = 'init: {scheme: normal, mean: 0.0, std: "config.initializer_range"}\n'
 
 
 # --- models and policies ---------------------------------------------------------

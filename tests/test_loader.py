@@ -76,7 +76,7 @@ BAD_TEXT = [
         "unknown-top-level-key",
         "rule:\n  - match: {}\n    init: zeros\n",
         "1:1: unknown key 'rule' in the policy; valid keys: checks, description, "
-        "lint_ignore, name, on_unmatched, rules, version (and 1 more error)",
+        "lint_ignore, name, on_unmatched, rules, vars, version (and 1 more error)",
     ),
     (
         "duplicate-key",
@@ -118,9 +118,11 @@ BAD_TEXT = [
         "got 'fan_avg'",
     ),
     (
-        "argument-quoted-number",
-        "rules:\n  - match: {param: weight}\n    init: {scheme: normal, std: '0.02'}\n",
-        "3:33: 'init.std' of rule 1: input should be a valid number, got '0.02'",
+        "argument-unknown-name",
+        "rules:\n  - match: {param: weight}\n    init: {scheme: normal, std: 'wide'}\n",
+        "3:33: 'init.std' of rule 1: unknown name 'wide' in 'wide'; names defined "
+        "here: fan_in, fan_out, numel, shape (declare others under 'vars', or name "
+        "a group of the rule's regex)",
     ),
     (
         "negative-std",

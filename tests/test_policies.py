@@ -141,7 +141,11 @@ def scale_rule_std(policy_text: str, rule_name: str, factor: float) -> str:
     document = yaml.safe_load(policy_text)
     rules = [rule for rule in document["rules"] if rule.get("name") == rule_name]
     assert len(rules) == 1, f"expected one rule named {rule_name!r}, found {len(rules)}"
-    rules[0]["init"]["std"] *= factor
+    std = rules[0]["init"]["std"]
+    # A std may be a number or an arithmetic expression in a string.
+    rules[0]["init"]["std"] = (
+        f"({std}) * {factor!r}" if isinstance(std, str) else std * factor
+    )
     return yaml.safe_dump(document, sort_keys=False)
 
 
@@ -171,12 +175,22 @@ def test_comparison_detects_five_percent_std_error(case: PolicyCase) -> None:
     assert flagged, "no std mismatch for the largest tensor:\n" + "\n".join(mismatches)
 
 
-def test_gpt2_residual_std_for_12_layers() -> None:
-    document = yaml.safe_load((POLICY_DIR / "gpt2.yaml").read_text())
-    rules = document["rules"]
-    rule = next(rule for rule in rules if rule.get("name") == "residual projections")
-    config = GPT2Config()
-    expected = config.initializer_range / math.sqrt(2 * config.n_layer)
+@pytest.mark.parametrize("n_layer", [2, 12, 24])
+def test_gpt2_residual_std_follows_config(n_layer: int) -> None:
+    # The residual rule reads initializer_range and n_layer from the model's
+    # config, so no depth needs its own policy.
+    config = GPT2Config(
+        n_layer=n_layer,
+        n_embd=HIDDEN_SIZE,
+        n_head=4,
+        vocab_size=VOCAB_SIZE,
+        n_positions=MAX_POSITIONS,
+        bos_token_id=VOCAB_SIZE - 1,
+        eos_token_id=VOCAB_SIZE - 1,
+    )
+    report = initrules.apply(GPT2LMHeadModel(config), POLICY_DIR / "gpt2.yaml", seed=0)
+    expected = config.initializer_range / math.sqrt(2 * n_layer)
+    row = report.row("transformer.h.0.attn.c_proj.weight")
 
-    assert config.n_layer == 12
-    assert rule["init"]["std"] == pytest.approx(expected, rel=1e-12)
+    assert row.args["std"] == pytest.approx(expected, rel=1e-12)
+    assert row.expected_std == pytest.approx(expected, rel=1e-12)
