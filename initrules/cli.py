@@ -496,7 +496,8 @@ def _check_writable(path: Path) -> None:
 
 
 def _run_schema(args: argparse.Namespace) -> int:
-    # NOTE: only built-in schemes exist, so --builtin-only changes nothing yet.
+    # NOTE: --builtin-only is not implemented yet: the schema lists every
+    # registered scheme, including those of installed plugins.
     print(json.dumps(policy_json_schema(), indent=2, sort_keys=True))
     return EXIT_CLEAN
 

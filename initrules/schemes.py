@@ -10,10 +10,12 @@ the owning module's ``reset_parameters()``.
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
+import logging
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, overload
 
 import torch
 from pydantic import (
@@ -29,6 +31,8 @@ from pydantic_core import ErrorDetails
 from torch import nn
 
 from initrules.stream import Draw
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "FillContext",
@@ -181,15 +185,106 @@ class Scheme:
 _REGISTRY: dict[str, Scheme] = {}
 
 
-def register_scheme(scheme: Scheme, *, override: bool = False) -> Scheme:
-    """Add a scheme to the registry; an existing name needs ``override=True``."""
-    if scheme.name in _REGISTRY and not override:
-        raise ValueError(
-            f"scheme {scheme.name!r} is already registered; pass override=True "
-            "to replace it"
+@overload
+def register_scheme(scheme: Scheme, *, override: bool = False) -> Scheme: ...
+
+
+@overload
+def register_scheme(
+    scheme: str,
+    *,
+    args: type[SchemeArgs] | None = None,
+    random: bool = True,
+    min_ndim: int = 0,
+    max_ndim: int | None = None,
+    override: bool = False,
+) -> Callable[[FillFn], FillFn]: ...
+
+
+def register_scheme(
+    scheme: Scheme | str,
+    *,
+    args: type[SchemeArgs] | None = None,
+    random: bool = True,
+    min_ndim: int = 0,
+    max_ndim: int | None = None,
+    override: bool = False,
+) -> Scheme | Callable[[FillFn], FillFn]:
+    """Add a scheme to the registry; an existing name needs ``override=True``.
+
+    Give a :class:`Scheme`, or use it as a decorator on a fill function::
+
+        class ScaledArgs(initrules.SchemeArgs):
+            scale: float = 1.0
+
+        @initrules.register_scheme("scaled_ones", args=ScaledArgs, random=False)
+        def scaled_ones(tensor, args, context):
+            tensor.fill_(args.scale)
+
+    A policy then says ``init: {scheme: scaled_ones, scale: 0.5}``; the
+    arguments are validated by ``args`` (no arguments when it is ``None``)
+    and appear in :func:`initrules.policy_json_schema`. Packages register
+    schemes on import of a module named by an entry point in the
+    ``initrules.schemes`` group, loaded the first time a scheme is looked up.
+
+    Raises:
+        ValueError: The name is registered already and ``override`` is False.
+    """
+    if isinstance(scheme, Scheme):
+        return _add(scheme, override)
+    name = scheme
+    if name in _REGISTRY and not override:
+        raise ValueError(_already_registered(name))
+
+    def decorate(fill: FillFn) -> FillFn:
+        model = args if args is not None else NoArgs
+        _add(
+            Scheme(
+                name, model, fill, random=random, min_ndim=min_ndim, max_ndim=max_ndim
+            ),
+            override,
         )
+        return fill
+
+    return decorate
+
+
+def _already_registered(name: str) -> str:
+    return f"scheme {name!r} is already registered; pass override=True to replace it"
+
+
+def _add(scheme: Scheme, override: bool) -> Scheme:
+    if scheme.name in _REGISTRY and not override:
+        raise ValueError(_already_registered(scheme.name))
     _REGISTRY[scheme.name] = scheme
     return scheme
+
+
+_ENTRY_POINT_GROUP = "initrules.schemes"
+_entry_points_loaded = False
+
+
+def _load_entry_points() -> None:
+    """Import the modules that packages expose in the ``initrules.schemes`` group.
+
+    A module that fails to import is logged and skipped, so that one broken
+    package does not stop policies that do not use its schemes.
+    """
+    global _entry_points_loaded
+    if _entry_points_loaded:
+        return
+    _entry_points_loaded = True
+    for entry_point in importlib.metadata.entry_points(group=_ENTRY_POINT_GROUP):
+        try:
+            entry_point.load()
+        except Exception as error:
+            logger.warning(
+                "failed to load initrules scheme plugin %r (%s): %s: %s",
+                entry_point.name,
+                entry_point.value,
+                type(error).__name__,
+                error,
+            )
 
 
 def get_scheme(name: str) -> Scheme:
@@ -198,6 +293,7 @@ def get_scheme(name: str) -> Scheme:
     Raises:
         KeyError: No scheme has that name; the message lists the valid names.
     """
+    _load_entry_points()
     try:
         return _REGISTRY[name]
     except KeyError:
@@ -208,6 +304,7 @@ def get_scheme(name: str) -> Scheme:
 
 def scheme_names() -> list[str]:
     """Return the registered scheme names, sorted."""
+    _load_entry_points()
     return sorted(_REGISTRY)
 
 
@@ -593,6 +690,7 @@ def _resolve_lsuv_base(base: str | dict[str, Any]) -> tuple[Scheme, SchemeArgs]:
     name = spec.pop("scheme", None)
     if not isinstance(name, str):
         raise ValueError("base needs a 'scheme' name, such as orthogonal")
+    _load_entry_points()
     if name not in _REGISTRY:
         raise ValueError(
             f"unknown base scheme {name!r}; valid schemes: {', '.join(scheme_names())}"
