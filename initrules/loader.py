@@ -51,6 +51,13 @@ def load_policy(
     """
     if (path is None) == (text is None):
         raise TypeError("load_policy() needs exactly one of path or text=...")
+    return _load(path, text, ())
+
+
+def _load(
+    path: str | os.PathLike[str] | None, text: str | None, chain: tuple[str, ...]
+) -> Policy:
+    """Load one file (or text) of an ``extends`` chain."""
     if path is not None:
         source = os.fspath(path)
         try:
@@ -67,10 +74,10 @@ def load_policy(
     else:
         source = "<text>"
     assert text is not None
-    return _parse(text, source)
+    return _parse(text, source, chain)
 
 
-def _parse(text: str, source: str) -> Policy:
+def _parse(text: str, source: str, chain: tuple[str, ...] = ()) -> Policy:
     data, positions = _compose(text, source)
     if not isinstance(data, dict):
         location = positions.value_at(()) or SourceLocation(source, 1, 1)
@@ -87,8 +94,67 @@ def _parse(text: str, source: str) -> Policy:
     policy._path = source
     for index, rule in enumerate(policy.rules):
         rule._location = positions.value_at(("rules", index))
+    if policy.extends:
+        bases = _load_bases(policy, source, chain, positions)
+        policy = _merge(policy, bases)
     _check_expression_names(policy, positions)
     return policy
+
+
+def _load_bases(
+    policy: Policy, source: str, chain: tuple[str, ...], positions: _Positions
+) -> list[Policy]:
+    """Load the files a policy extends, relative to its own file."""
+    here = Path(source).parent if source != "<text>" else Path.cwd()
+    identity = str(Path(source).resolve()) if source != "<text>" else source
+    chain = (*chain, identity)
+    bases = []
+    for index, name in enumerate(policy.extends):
+        location = positions.value_at(("extends", index)) or positions.value_at(
+            ("extends",)
+        )
+        target = here / name
+        if str(target.resolve()) in chain:
+            cycle = " -> ".join([*chain, str(target.resolve())])
+            raise PolicyError.at(
+                location, f"'extends' makes a cycle: {cycle}", path=source
+            )
+        if not target.is_file():
+            raise PolicyError.at(
+                location,
+                f"'extends' names {name!r}, but {target} is not a file (paths are "
+                "relative to the extending file)",
+                path=source,
+            )
+        bases.append(_load(target, None, chain))
+    return bases
+
+
+def _merge(policy: Policy, bases: list[Policy]) -> Policy:
+    """Combine a policy with the policies it extends.
+
+    Its own rules come first, so they take precedence, then each base's in
+    the listed order. Vars and options the file sets win over the bases';
+    among the bases, the first listed that sets one wins.
+    """
+    updates: dict[str, Any] = {
+        "rules": [*policy.rules, *(rule for base in bases for rule in base.rules)],
+        "vars": {
+            **{k: v for base in reversed(bases) for k, v in base.vars.items()},
+            **policy.vars,
+        },
+        "extends": [],
+    }
+    for field in ("name", "description", "on_unmatched", "checks", "lint_ignore"):
+        if field in policy.model_fields_set:
+            continue
+        for base in bases:
+            if field in base.model_fields_set:
+                updates[field] = getattr(base, field)
+                break
+    merged = policy.model_copy(update=updates)
+    merged._path = policy.path
+    return merged
 
 
 def _check_expression_names(policy: Policy, positions: _Positions) -> None:

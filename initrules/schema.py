@@ -512,6 +512,8 @@ class Policy(_Strict):
         description: Free text.
         on_unmatched: What to do with parameters that no rule matches:
             ``error`` (raise before writing), ``warn`` or ``keep``.
+        extends: Policy files this one builds on, relative to it; their
+            rules follow this file's, which therefore take precedence.
         rules: Rules in priority order: the first whose predicates hold wins.
         vars: Numbers that argument expressions may use by name;
             ``apply(..., vars=...)`` overrides them.
@@ -524,12 +526,31 @@ class Policy(_Strict):
     name: str | None = None
     description: str | None = None
     on_unmatched: Literal["error", "warn", "keep"] = "error"
-    rules: list[Rule]
+    extends: list[str] = []
+    rules: list[Rule] = []
     vars: dict[str, float] = {}
     checks: Checks = Checks()
     lint_ignore: dict[str, str | None] = {}
 
     _path: str = PrivateAttr(default="<text>")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _rules_required(cls, data: Any) -> Any:
+        # `rules` may be left out only by a file that extends others. Unknown
+        # keys are reported first (a misspelled `rules` is the likely cause).
+        if not isinstance(data, dict) or set(data) - set(cls.model_fields):
+            return data
+        if "rules" not in data and not data.get("extends"):
+            raise ValidationError.from_exception_data(
+                "Policy", [{"type": "missing", "loc": ("rules",), "input": data}]
+            )
+        return data
+
+    @field_validator("extends", mode="before")
+    @classmethod
+    def _one_or_many_files(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
 
     @field_validator("vars")
     @classmethod
@@ -557,6 +578,8 @@ def policy_json_schema() -> dict[str, Any]:
     schema = Policy.model_json_schema(mode="validation")
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     schema["title"] = "initrules policy"
+    # A file without rules must extend another one.
+    schema["anyOf"] = [{"required": ["rules"]}, {"required": ["extends"]}]
     _describe_from_docstring(schema, Policy)
     for name, model in (
         ("Match", Match),

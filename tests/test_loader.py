@@ -76,7 +76,7 @@ BAD_TEXT = [
         "unknown-top-level-key",
         "rule:\n  - match: {}\n    init: zeros\n",
         "1:1: unknown key 'rule' in the policy; valid keys: checks, description, "
-        "lint_ignore, name, on_unmatched, rules, vars, version (and 1 more error)",
+        "extends, lint_ignore, name, on_unmatched, rules, vars, version",
     ),
     (
         "duplicate-key",
