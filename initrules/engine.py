@@ -5,8 +5,8 @@ from __future__ import annotations
 import logging
 import os
 import warnings
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -32,7 +32,13 @@ from initrules.errors import (
 from initrules.expected import ExpectedStats
 from initrules.loader import load_policy
 from initrules.lsuv import lsuv_failures, run_lsuv
-from initrules.planner import Plan, PlannedTensor, TensorEntry, make_plan
+from initrules.planner import (
+    Plan,
+    PlannedTensor,
+    SkippedTensor,
+    TensorEntry,
+    make_plan,
+)
 from initrules.probing import probe
 from initrules.report import CheckFailure, Report, Row, Skipped
 from initrules.schema import Checks, Policy
@@ -71,6 +77,8 @@ def apply(
     probe_inputs: Any = None,
     data: Any = None,
     vars: Mapping[str, float] | None = None,
+    only: Iterable[str] | None = None,
+    skip_loaded: Any = None,
 ) -> Report:
     """Initialize the tensors of ``model`` by ``policy``, check them, return the report.
 
@@ -96,6 +104,11 @@ def apply(
             forms as ``probe_inputs``; needed only when the policy uses one.
         vars: Values that override the policy's ``vars`` in argument
             expressions, such as ``{"n_layer": 24}``.
+        only: Initialize only the tensors with these canonical names (or
+            aliases); the others are listed as skipped.
+        skip_loaded: The result of ``model.load_state_dict(..., strict=False)``
+            (anything with ``missing_keys``): only the missing tensors are
+            initialized. A tensor tied to a loaded one counts as loaded.
 
     Returns:
         The report of what each tensor got and of every failed check.
@@ -123,7 +136,10 @@ def apply(
     """
     _check_seed(seed)
     resolved = resolve_policy(policy)
+    missing = _missing_names(skip_loaded) if skip_loaded is not None else None
     plan = make_plan(model, resolved, variables=vars)
+    if only is not None or missing is not None:
+        plan = _restrict(plan, only, missing)
     _require_data(plan, data)
     _handle_unmatched(plan)
     report = _new_report(plan, seed)
@@ -203,6 +219,67 @@ def check(
     if probe_inputs is not None:
         _run_probe(report, model, probe_inputs, resolved.checks)
     return report
+
+
+def _missing_names(skip_loaded: Any) -> set[str]:
+    keys = getattr(skip_loaded, "missing_keys", None)
+    if keys is None:
+        raise TypeError(
+            "skip_loaded must be the result of load_state_dict(strict=False), "
+            f"with missing_keys; got {type(skip_loaded).__name__}"
+        )
+    return {_canonical_key(key) for key in keys}
+
+
+def _restrict(plan: Plan, only: Iterable[str] | None, missing: set[str] | None) -> Plan:
+    """Keep in the plan only the tensors the caller wants initialized.
+
+    A tensor is wanted when one of its names is in ``only`` and, with
+    ``missing`` names from a checkpoint, when every one of its names is
+    missing (so a head tied to a loaded embedding counts as loaded).
+    """
+    wanted_names = set(only) if only is not None else None
+
+    def reason_to_skip(entry: TensorEntry) -> str | None:
+        names = [entry.name, *entry.aliases]
+        if wanted_names is not None and wanted_names.isdisjoint(names):
+            return "not in only"
+        if missing is not None and not all(name in missing for name in names):
+            return "loaded from the checkpoint"
+        return None
+
+    planned: list[PlannedTensor] = []
+    skipped = list(plan.skipped)
+    for item in plan.planned:
+        reason = reason_to_skip(item.entry)
+        if reason is None:
+            planned.append(item)
+        else:
+            skipped.append(SkippedTensor(item.entry, reason, item.match))
+    unmatched = []
+    for entry in plan.unmatched:
+        reason = reason_to_skip(entry)
+        if reason is None:
+            unmatched.append(entry)
+        else:
+            skipped.append(SkippedTensor(entry, reason))
+    return replace(plan, planned=planned, unmatched=unmatched, skipped=skipped)
+
+
+def _canonical_key(key: str) -> str:
+    """Remove wrapper segments from a state_dict key, as the planner does.
+
+    NOTE: DDP's and DataParallel's ``module.`` segment is found by type in
+    the planner and is not removed here, so load the checkpoint into the
+    unwrapped model when using ``skip_loaded``.
+    """
+    segments = [
+        segment
+        for segment in key.split(".")
+        if segment
+        not in ("_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module")
+    ]
+    return ".".join(segments)
 
 
 def _check_seed(seed: object) -> None:
