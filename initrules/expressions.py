@@ -104,7 +104,7 @@ class Expression:
             value = _evaluate(self.tree, scope)
         except ZeroDivisionError:
             raise ExpressionError(f"{self.text!r} divides by zero") from None
-        except (OverflowError, ValueError) as error:
+        except (OverflowError, ValueError, TypeError) as error:
             if isinstance(error, ExpressionError):
                 raise
             raise ExpressionError(f"{self.text!r} failed: {error}") from None
@@ -157,7 +157,7 @@ def _check(
         _check(node.operand, text, names, attributes)
         return
     if isinstance(node, ast.Name):
-        if node.id in _OWNERS or node.id in _FUNCTIONS:
+        if node.id in _OWNERS or node.id in _FUNCTIONS or node.id == "shape":
             raise _not_allowed(node, text, f"the bare name {node.id!r}")
         names.add(node.id)
         return
@@ -179,6 +179,21 @@ def _check(
             )
         if node.keywords or not node.args:
             raise _not_allowed(node, text, "a call without plain arguments")
+        arity_ok = (
+            len(node.args) >= 2
+            if function.id in ("min", "max")
+            else len(node.args) == 1
+        )
+        if not arity_ok:
+            wanted = (
+                "at least 2 arguments"
+                if function.id in ("min", "max")
+                else "1 argument"
+            )
+            raise ExpressionError(
+                f"invalid expression {text!r}: {function.id}() takes {wanted}, "
+                f"got {len(node.args)}"
+            )
         for argument in node.args:
             if isinstance(argument, ast.Starred):
                 raise _not_allowed(node, text, "a starred argument")
@@ -189,13 +204,22 @@ def _check(
         if not (
             isinstance(target, ast.Name)
             and target.id == "shape"
-            and isinstance(index, ast.Constant)
-            and type(index.value) is int
+            and _integer_literal(index) is not None
         ):
             raise _not_allowed(node, text, "indexing other than shape[i]")
         names.add("shape")
         return
     raise _not_allowed(node, text, f"a {type(node).__name__} expression")
+
+
+def _integer_literal(node: ast.expr) -> int | None:
+    """Return the value of ``3`` or ``-1``, else ``None``."""
+    sign = 1
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
+        sign, node = -1, node.operand
+    if isinstance(node, ast.Constant) and type(node.value) is int:
+        return sign * node.value
+    return None
 
 
 def _evaluate(node: ast.expr, scope: Scope) -> Any:
@@ -221,9 +245,8 @@ def _evaluate(node: ast.expr, scope: Scope) -> Any:
         arguments = [_evaluate(argument, scope) for argument in node.args]
         return _FUNCTIONS[node.func.id](*arguments)
     assert isinstance(node, ast.Subscript)
-    assert isinstance(node.slice, ast.Constant)
-    index = node.slice.value
-    assert isinstance(index, int)
+    index = _integer_literal(node.slice)
+    assert index is not None
     if not -len(scope.shape) <= index < len(scope.shape):
         raise ExpressionError(
             f"shape[{index}] is out of range for a {len(scope.shape)}-D tensor"

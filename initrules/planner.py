@@ -328,7 +328,7 @@ class ArgumentResolver:
     def __init__(
         self, model: nn.Module, policy: Policy, variables: Mapping[str, float] | None
     ) -> None:
-        self.variables = {**policy.vars, **(variables or {})}
+        self.variables = {**policy.vars, **_checked_overrides(policy, variables)}
         self.config = _model_config(model)
 
     def resolve(
@@ -341,7 +341,7 @@ class ArgumentResolver:
         shape = tuple(entry.tensor.shape)
         values: dict[str, float] = dict(self.variables)
         for key, value in result.captures.items():
-            if value.isdigit():
+            if value.isascii() and value.isdigit():
                 values[key] = int(value)
         names = set().union(*(e.names for e in init.expressions.values()))
         try:
@@ -359,9 +359,14 @@ class ArgumentResolver:
                 f"argument expression failed: {error}",
                 "fix the expression, or give the names it uses a value under 'vars'",
             )
+        fields = scheme.args_model.model_fields
+        for key, number in evaluated.items():
+            # An integer argument takes a float result that is a whole number.
+            if fields[key].annotation is int and float(number).is_integer():
+                evaluated[key] = int(number)
         try:
             return scheme.args_model.model_validate(
-                {**init.args.model_dump(), **evaluated}
+                {**init.args.model_dump(warnings=False), **evaluated}
             )
         except ValidationError as error:
             shown = "; ".join(
@@ -396,6 +401,28 @@ class ArgumentResolver:
         # NOTE: fan_out follows torch's convention for every other layout,
         # including transposed convolutions.
         return {"fan_in": true_in or fan_in, "fan_out": fan_out}
+
+
+def _checked_overrides(
+    policy: Policy, variables: Mapping[str, float] | None
+) -> dict[str, float]:
+    """Return call-time vars, each declared by the policy and a finite number."""
+    checked: dict[str, float] = {}
+    for name, value in (variables or {}).items():
+        if name not in policy.vars:
+            declared = ", ".join(sorted(policy.vars)) or "none"
+            raise ValueError(
+                f"var {name!r} is not declared in the policy's 'vars' (declared: "
+                f"{declared}); declare it there to override it"
+            )
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(
+                f"var {name!r} must be a number, got {type(value).__name__}"
+            )
+        if not math.isfinite(value):
+            raise ValueError(f"var {name!r} must be a finite number, got {value}")
+        checked[name] = value
+    return checked
 
 
 def _model_config(model: nn.Module) -> object | None:

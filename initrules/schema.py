@@ -10,6 +10,7 @@ tensor is decided by the planner.
 from __future__ import annotations
 
 import inspect
+import math
 from typing import Any, Literal
 
 import regex
@@ -296,8 +297,9 @@ def _is_numeric(model: type[SchemeArgs], key: str) -> bool:
     return field is not None and field.annotation in (float, int)
 
 
-# Stands in for an expression while the other arguments are validated.
-_PLACEHOLDER = 1.0
+# Stands in for an expression while the other arguments are validated (an
+# int, which strict validation accepts for float and int fields alike).
+_PLACEHOLDER = 1
 
 
 def _template_args(
@@ -565,6 +567,8 @@ class Policy(_Strict):
                 raise ValueError(
                     f"invalid var name {name!r}: it is reserved in expressions"
                 )
+            if not math.isfinite(value[name]):
+                raise ValueError(f"var {name!r} must be a finite number")
         return value
 
     @property
