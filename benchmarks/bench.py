@@ -1,8 +1,8 @@
 """Benchmarks of initrules against plain torch, printed as ratios.
 
 Timings on a shared machine are only meaningful side by side, so every
-figure is a ratio of two times taken in the same process, in rounds that
-run both one after the other, and the printed value is the median over the
+figure is a ratio of two times taken in the same process. Each round runs
+both one after the other, and the printed value is the median over the
 rounds. Run from the repository root:
 
     python benchmarks/bench.py                      # full sizes, medians of 5
