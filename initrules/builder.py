@@ -160,7 +160,7 @@ def build(
 
     Raises:
         UnmatchedTensorsError: A parameter matched no rule, whatever the
-            policy's ``on_unmatched`` says, since its memory would hold
+            policy's ``on_unmatched`` sets, since its memory would hold
             garbage. Raised before any memory is allocated.
         PlanError: A rule keeps a parameter as it is (``keep``), which would
             leave it uninitialized, or a buffer was left on the meta device.

@@ -148,7 +148,7 @@ def _mean_std(values: torch.Tensor) -> tuple[float, float]:
 
 @dataclass(frozen=True)
 class Switches:
-    """Which per-tensor checks apply to one rule's tensors."""
+    """The per-tensor checks that apply to one rule's tensors."""
 
     finite: bool
     statistics: bool

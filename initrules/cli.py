@@ -457,7 +457,7 @@ def _run_apply(args: argparse.Namespace) -> int:
             vars=dict(args.var),
         )
     except CheckError as error:
-        # The report is the useful output; the exit code says that checks failed.
+        # The report is the useful output, and the exit code reports the failed checks.
         print(error.report)
         if args.plot is not None:
             _plot(error.report, args.plot)

@@ -193,7 +193,7 @@ def check(
 
     Each tensor is judged against the rule that would win for it, exactly as
     :func:`apply` judges what it wrote, for example a model loaded from a
-    checkpoint. Unmatched tensors are listed, never raised.
+    checkpoint. Unmatched tensors are listed in the report, not raised.
 
     Args:
         model: The initialized model.
@@ -238,11 +238,11 @@ def _restrict(plan: Plan, only: Iterable[str] | None, missing: set[str] | None) 
     ``missing`` names from a checkpoint, when every one of its names is
     missing (so a head tied to a loaded embedding counts as loaded).
     """
-    wanted_names = set(only) if only is not None else None
+    requested = set(only) if only is not None else None
 
     def reason_to_skip(entry: TensorEntry) -> str | None:
         names = [entry.name, *entry.aliases]
-        if wanted_names is not None and wanted_names.isdisjoint(names):
+        if requested is not None and requested.isdisjoint(names):
             return "not in only"
         if missing is not None and not all(name in missing for name in names):
             return "loaded from the checkpoint"
@@ -354,7 +354,7 @@ def _record_rows(
 
 @dataclass(frozen=True)
 class _RuleFacts:
-    """What every row of one rule shares, computed once per rule and run.
+    """Facts that every row of one rule shares, computed once per rule and run.
 
     Reading a Pydantic model's fields and private attributes costs
     microseconds each, which adds up over thousands of tensors.

@@ -104,7 +104,7 @@ class PlanError(InitRulesError):
 class ApplyError(InitRulesError):
     """Writing failed, or a forward pass on data or probe inputs after it.
 
-    The message says what was already written.
+    The message states what was already written.
     """
 
 

@@ -128,7 +128,7 @@ def _constant_val(shape: Shape, args: SchemeArgs) -> ExpectedStats:
 
 
 def _centered(std: float, *, uniform: bool) -> ExpectedStats:
-    """A zero-mean normal, or the zero-mean uniform with the same std."""
+    """Return a zero-mean normal, or the zero-mean uniform with the same std."""
     if not uniform:
         return ExpectedStats(0.0, std)
     bound = math.sqrt(3.0) * std

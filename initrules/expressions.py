@@ -117,7 +117,7 @@ class Expression:
 
 @dataclass(frozen=True)
 class Scope:
-    """What the names of an expression stand for, for one tensor.
+    """Values of an expression's names for one tensor.
 
     Attributes:
         values: Bare names (vars, captures, fan_in, fan_out, numel).

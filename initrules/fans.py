@@ -31,7 +31,7 @@ def true_fan_in(
 
     Returns ``None`` for tensors that are not the weight of a known linear
     map: embeddings, norms, and parameters of modules this function does not
-    know, whose layout cannot be told from the shape alone.
+    know, whose layout the shape alone does not reveal.
 
     Known layouts:
 

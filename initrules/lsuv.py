@@ -146,7 +146,7 @@ def _tune(
         if iterations < args.max_iter:
             weight.mul_(args.target_std / std)
     if reason:
-        # Extreme scales from a run that cannot converge help nobody.
+        # A run that cannot converge leaves extreme scales, so keep the base draw.
         weight.copy_(base)
     logger.debug(
         "lsuv %s: output std %s after %d pass(es)", item.entry.name, std, iterations

@@ -28,6 +28,7 @@ from torch.utils.hooks import RemovableHandle
 
 from initrules.forward import first_floating_tensor, preserved
 from initrules.planner import walk_modules
+from initrules.report import json_number
 
 __all__ = [
     "DEFAULT_GROWTH_LIMIT",
@@ -161,10 +162,10 @@ class ProbeReport:
         for record in self.records:
             data = asdict(record)
             for key in ("mean", "std", "max_abs"):
-                data[key] = _json_number(data[key])
+                data[key] = json_number(data[key])
             records.append(data)
         return {
-            "growth_limit": _json_number(self.growth_limit),
+            "growth_limit": json_number(self.growth_limit),
             "ok": self.ok,
             "first_nonfinite": self.first_nonfinite,
             "records": records,
@@ -373,12 +374,6 @@ def _nonfinite_flag(record: ProbeRecord) -> ProbeFlag:
 
 def _display_name(name: str) -> str:
     return repr(name) if name else "the root module"
-
-
-def _json_number(value: float | None) -> float | str | None:
-    if value is not None and not math.isfinite(value):
-        return str(value)
-    return value
 
 
 def _format_number(value: float | None) -> str:

@@ -14,7 +14,15 @@ from initrules.errors import CheckError
 if TYPE_CHECKING:
     from initrules.probing import ProbeReport
 
-__all__ = ["CheckFailure", "LsuvResult", "Report", "Row", "Skipped", "format_shape"]
+__all__ = [
+    "CheckFailure",
+    "LsuvResult",
+    "Report",
+    "Row",
+    "Skipped",
+    "format_shape",
+    "json_number",
+]
 
 
 @dataclass(frozen=True)
@@ -204,14 +212,14 @@ class Report:
         data["probe"] = self.probe.to_dict() if self.probe is not None else None
         for failure in data["failures"]:
             for key in ("measured", "expected"):
-                failure[key] = _json_number(failure[key])
+                failure[key] = json_number(failure[key])
             if failure["allowed"] is not None:
-                failure["allowed"] = [_json_number(v) for v in failure["allowed"]]
+                failure["allowed"] = [json_number(v) for v in failure["allowed"]]
         for row in data["rows"]:
             row["shape"] = list(row["shape"])
             row["aliases"] = list(row["aliases"])
             for key in ("mean", "std", "min", "max"):
-                row[key] = _json_number(row[key])
+                row[key] = json_number(row[key])
         data["summary"] = self.summary
         return data
 
@@ -241,7 +249,8 @@ class Report:
         return _format_report(self)
 
 
-def _json_number(value: float | None) -> float | str | None:
+def json_number(value: float | None) -> float | str | None:
+    """Return a non-finite float as the string strict JSON needs, else the value."""
     if value is not None and not math.isfinite(value):
         return str(value)
     return value

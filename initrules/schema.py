@@ -408,7 +408,7 @@ class RuleChecks(_Strict):
 
 
 class Checks(_Strict):
-    """Which checks run on the initialized tensors, and what a failure does.
+    """Settings of the checks on initialized tensors and of what a failure does.
 
     Attributes:
         enabled: Run checks at all; false turns every check off.

@@ -221,7 +221,7 @@ def register_scheme(
         def scaled_ones(tensor, args, context):
             tensor.fill_(args.scale)
 
-    A policy then says ``init: {scheme: scaled_ones, scale: 0.5}``; the
+    A policy then uses ``init: {scheme: scaled_ones, scale: 0.5}``, and the
     arguments are validated by ``args`` (no arguments when it is ``None``)
     and appear in :func:`initrules.policy_json_schema`. Packages register
     schemes on import of a module named by an entry point in the
@@ -684,7 +684,7 @@ def _argument_problem(item: ErrorDetails) -> str:
 def _resolve_lsuv_base(base: str | dict[str, Any]) -> tuple[Scheme, SchemeArgs]:
     """Return the scheme and validated arguments that ``base`` names.
 
-    Errors say ``base`` and list the base scheme's own arguments, not lsuv's.
+    Errors name ``base`` and list the base scheme's own arguments, not lsuv's.
     """
     spec = {"scheme": base} if isinstance(base, str) else dict(base)
     name = spec.pop("scheme", None)
