@@ -64,7 +64,7 @@ def main() -> None:
     print("report.row('proj_in.weight'):")
     print(f"  rule:     {row.rule_name}, rule_index {row.rule_index}")
     print(f"  location: {row.rule_location}")
-    print(f"  scheme:   {row.scheme} {row.args}")
+    print(f"  scheme:   {row.init_text}")
     print(f"  shape:    {row.shape}, {row.dtype}")
     print(f"  mean/std: {row.mean:.4g} / {row.std:.4g}")
     print()

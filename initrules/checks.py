@@ -25,7 +25,7 @@ from torch import nn
 
 from initrules.expected import ExpectedStats, expected_stats
 from initrules.fans import true_fan_in
-from initrules.planner import Plan, PlannedTensor, TensorEntry, walk_modules
+from initrules.planner import Plan, PlannedTensor, walk_modules
 from initrules.report import CheckFailure
 from initrules.schema import Checks, Rule
 from initrules.schemes import SparseArgs
@@ -183,7 +183,7 @@ def expected_for(item: PlannedTensor, zeroed_rows: int = 0) -> ExpectedStats | N
         zeroed_rows: Rows of dim 0 set to zero after the draw (an
             embedding's padding row), which shift the mean and std.
     """
-    shape = tuple(item.entry.tensor.shape)
+    shape = item.shape
     expected = expected_stats(item.scheme.name, shape, item.args)
     if expected is None or zeroed_rows == 0:
         return expected
@@ -232,16 +232,17 @@ def _rule_label(item: PlannedTensor) -> str:
     return item.match.rule.label(item.match.rule_index)
 
 
-def _feeds_linear_map(entry: TensorEntry) -> int | None:
-    """Return the true fan_in of a linear map's weight, or ``None``.
+def _feeds_linear_map(item: PlannedTensor) -> int | None:
+    """Return the true fan_in of a linear map's weight (or block), or ``None``.
 
     A tensor tied to an embedding is an embedding table first, so it is not
     judged by the fan_in of the head that shares it.
     """
+    entry = item.entry
     owners = [entry.module, *entry.alias_modules]
     if any(isinstance(owner, (nn.Embedding, nn.EmbeddingBag)) for owner in owners):
         return None
-    return true_fan_in(entry.module, entry.info.local_name, tuple(entry.tensor.shape))
+    return true_fan_in(entry.module, entry.info.local_name, item.shape)
 
 
 def _scale_failures(
@@ -256,10 +257,10 @@ def _scale_failures(
     ``source`` names where the numbers come from ("the arguments imply" or
     "measured"), for the message.
     """
-    fan_in = _feeds_linear_map(item.entry)
+    fan_in = _feeds_linear_map(item)
     if fan_in is None:
         return []
-    name = item.entry.name
+    name = item.label
     rule = item
     reference = math.sqrt(2.0 / fan_in)
     low, high = checks.scale_range
@@ -312,7 +313,7 @@ def _expect_failures(
     expect = item.match.rule.expect
     if expect is None:
         return []
-    name = item.entry.name
+    name = item.label
     rule = item
     failures = []
     for quantity, value, bounds in (
@@ -365,7 +366,7 @@ def plan_failures(plan: Plan) -> list[CheckFailure]:
             continue
         source = "the arguments imply"
         switches = switches_for(checks, item.match.rule)
-        if switches.scale and item.scheme.random and item.entry.tensor.dim() >= 2:
+        if switches.scale and item.scheme.random and item.target.dim() >= 2:
             failures += _scale_failures(
                 item, checks, expected.mean, expected.std, source
             )
@@ -405,9 +406,9 @@ def _half_spacing(value: float, dtype: torch.dtype) -> float:
 def _statistics_failures(
     item: PlannedTensor, measured: Measured, expected: ExpectedStats, tolerance: float
 ) -> list[CheckFailure]:
-    tensor = item.entry.tensor
+    tensor = item.target
     numel = tensor.numel()
-    name = item.entry.name
+    name = item.label
     rule = item
     scheme = item.scheme.name
     if expected.std == 0:
@@ -486,7 +487,7 @@ def _orthogonality_failures(item: PlannedTensor) -> list[CheckFailure]:
     if item.scheme.name != "orthogonal":
         return []
     gain = getattr(item.args, "gain", 1.0)
-    tensor = item.entry.tensor.detach()
+    tensor = item.target.detach()
     if gain == 0 or tensor.numel() == 0:
         return []
     matrix = tensor.reshape(tensor.shape[0], -1).double()
@@ -504,7 +505,7 @@ def _orthogonality_failures(item: PlannedTensor) -> list[CheckFailure]:
     return [
         _failure(
             "statistics",
-            item.entry.name,
+            item.label,
             f"the first {gram.shape[0]} rows of the orthogonal matrix are not "
             f"orthonormal: their Gram matrix differs from gain**2 * I by up to "
             f"{error:.3g} (accepted: {limit:.2g})",
@@ -521,7 +522,7 @@ def _exact_failures(item: PlannedTensor) -> list[CheckFailure]:
     name = item.scheme.name
     if name not in ("eye", "dirac"):
         return []
-    tensor = item.entry.tensor.detach()
+    tensor = item.target.detach()
     reference = torch.empty_like(tensor)
     if name == "eye":
         nn.init.eye_(reference)
@@ -533,7 +534,7 @@ def _exact_failures(item: PlannedTensor) -> list[CheckFailure]:
     return [
         _failure(
             "statistics",
-            item.entry.name,
+            item.label,
             f"{differ} of {tensor.numel()} values differ from what {name} writes",
             item,
             measured=float(differ),
@@ -547,7 +548,7 @@ def _sparsity_failures(item: PlannedTensor) -> list[CheckFailure]:
     args = item.args
     if item.scheme.name != "sparse" or not isinstance(args, SparseArgs):
         return []
-    tensor = item.entry.tensor.detach()
+    tensor = item.target.detach()
     required = math.ceil(args.sparsity * tensor.shape[0])
     if required == 0 or tensor.numel() == 0:
         return []
@@ -557,7 +558,7 @@ def _sparsity_failures(item: PlannedTensor) -> list[CheckFailure]:
     return [
         _failure(
             "statistics",
-            item.entry.name,
+            item.label,
             f"a column has {fewest} zeros, but sparse with sparsity "
             f"{args.sparsity:g} zeroes {required} of the {tensor.shape[0]} values "
             "in every column",
@@ -573,9 +574,9 @@ def _bounds_failures(
 ) -> list[CheckFailure]:
     if expected.support is None:
         return []
-    tensor = item.entry.tensor
+    tensor = item.target
     dtype = tensor.dtype
-    name = item.entry.name
+    name = item.label
     rule = item
     # Rounding is monotone, so every draw inside [a, b] lands inside the
     # rounded bounds, which may lie just outside [a, b].
@@ -653,11 +654,11 @@ def tensor_failures(
         # A kept tensor contains what the user put there, so only its rule's own
         # bounds apply.
         return expect
-    name = item.entry.name
+    name = item.label
     failures: list[CheckFailure] = []
     if not measured.finite:
         if switches.finite:
-            values = item.entry.tensor.detach()
+            values = item.target.detach()
             bad = int(values.numel() - torch.count_nonzero(torch.isfinite(values)))
             failures.append(
                 _failure(
@@ -682,7 +683,7 @@ def tensor_failures(
     # `default` runs the module's own init and `lsuv` sets the scale from
     # data: the user chose those scales, so the scale check leaves them alone.
     chosen = item.scheme.needs_module_reset or item.scheme.needs_data
-    is_weight = item.scheme.random and item.entry.tensor.dim() >= 2 and not chosen
+    is_weight = item.scheme.random and item.target.dim() >= 2 and not chosen
     if switches.scale and is_weight and (expected is None or judge_arguments):
         failures += _scale_failures(
             item, checks, measured.mean, measured.std, "measured"

@@ -29,7 +29,7 @@ from initrules.lint import CODES, Finding, lint_path, sort_findings
 from initrules.loader import load_policy
 from initrules.matcher import Matcher
 from initrules.planner import walk_tensors
-from initrules.report import Report, format_shape
+from initrules.report import Report, format_args, format_shape
 from initrules.schema import policy_json_schema
 
 __all__ = ["main"]
@@ -354,11 +354,13 @@ def _run_explain(args: argparse.Namespace) -> int:
                 print(f"  {label} fails only on {predicate} (tensor has {value})")
             continue
         init = result.rule.init
-        args_text = ", ".join(
-            f"{key}={init.expressions[key].text!r}"
-            if key in init.expressions
-            else f"{key}={value}"
-            for key, value in init.args.model_dump().items()
+        args_text = format_args(
+            {
+                key: repr(init.expressions[key].text)
+                if key in init.expressions
+                else value
+                for key, value in init.args.model_dump().items()
+            }
         )
         print(f"  winner: {result.rule.label(result.rule_index)}")
         print(f"    init: {result.rule.init.scheme}({args_text})")

@@ -336,7 +336,7 @@ def _record_rows(
         facts = rules.get(item.match.rule_index)
         if facts is None:
             facts = rules[item.match.rule_index] = _RuleFacts.of(item, checks)
-        measured = measure(item.entry.tensor)
+        measured = measure(item.target)
         expected = expected_for(item, zeroed_rows)
         report.rows.append(_row(item, measured, expected, zeroed_rows, facts))
         if checks.enabled:
@@ -460,23 +460,33 @@ def _handle_unmatched(plan: Plan) -> None:
 
 
 def _fill(item: PlannedTensor, seed: int | None) -> int:
-    """Write one tensor; return how many rows were zeroed after the draw."""
+    """Write one tensor or block; return how many rows were zeroed after the draw.
+
+    A block's random stream is named by its label, so each block of a split
+    tensor draws from its own generators.
+    """
     entry = item.entry
-    tensor = entry.tensor
+    target = item.target
     args = item.args
     draw = item.scheme.draw
-    if seed is not None and draw is not None and tensor.numel() > CHUNK_ELEMENTS:
-        fill_chunked(tensor, draw(tuple(tensor.shape), args), seed, entry.name)
+    if seed is not None and draw is not None and target.numel() > CHUNK_ELEMENTS:
+        fill_chunked(target, draw(item.shape, args), seed, item.label)
     else:
-        tensor_seed = derive_seed(seed, entry.name) if seed is not None else None
+        tensor_seed = derive_seed(seed, item.label) if seed is not None else None
         generator = None
         if tensor_seed is not None and item.scheme.random:
-            generator = torch.Generator(device=tensor.device)
+            generator = torch.Generator(device=target.device)
             generator.manual_seed(tensor_seed)
         context = FillContext(
             entry.module, entry.info.local_name, generator, tensor_seed
         )
-        item.scheme.fill(tensor, args, context)
+        if target.is_contiguous():
+            item.scheme.fill(target, args, context)
+        else:
+            # A block across rows is a strided view; schemes fill dense tensors.
+            scratch = torch.empty(item.shape, dtype=target.dtype, device=target.device)
+            item.scheme.fill(scratch, args, context)
+            target.copy_(scratch)
     padding_index = _padding_index(item)
     if padding_index is None:
         return 0
@@ -492,7 +502,10 @@ def _padding_index(item: PlannedTensor) -> int | None:
     ``padding_idx`` keeps the zero row whichever name comes first.
     """
     entry = item.entry
-    if not (item.scheme.random and item.match.rule.zero_padding_idx):
+    if item.chunk is not None or not (
+        item.scheme.random and item.match.rule.zero_padding_idx
+    ):
+        # NOTE: a split embedding keeps its padding row as its blocks drew it.
         return None
     owners = zip(
         [entry.module, *entry.alias_modules],
@@ -517,11 +530,11 @@ def _row(
     facts: _RuleFacts,
 ) -> Row:
     entry = item.entry
-    tensor = entry.tensor
+    chunk = item.chunk
     return Row(
         name=entry.name,
         aliases=tuple(entry.aliases),
-        shape=tuple(tensor.shape),
+        shape=item.shape,
         dtype=entry.info.dtype,
         module_type=type(entry.module).__name__,
         kind=entry.info.kind,
@@ -538,6 +551,7 @@ def _row(
         expected_mean=expected.mean if expected else None,
         expected_std=expected.std if expected else None,
         note=_padding_note(entry, zeroed_rows),
+        chunk=None if chunk is None else (chunk.index, chunk.count, chunk.dim),
     )
 
 

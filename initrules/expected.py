@@ -1,7 +1,9 @@
 """The mean and standard deviation each built-in scheme should give a tensor.
 
 These are the population values the scheme's arguments imply for a shape,
-with fans by torch's convention. The report shows them next to the measured
+with the fans the scheme uses (see :func:`initrules.schemes.fans_of`). A
+scheme with an elementwise ``draw``, custom ones included, gets the
+statistics of that distribution. The report shows them next to the measured
 values, and the statistics check compares the two with a tolerance that
 depends on the number of elements (see :mod:`initrules.checks`).
 """
@@ -12,24 +14,16 @@ import math
 from collections.abc import Callable
 from typing import NamedTuple
 
-from torch import nn
-
 from initrules.schemes import (
-    LECUN_ARGS,
-    TRUNCATED_NORMAL_STD,
     ConstantArgs,
     GainArgs,
-    KaimingArgs,
-    NormalArgs,
     SchemeArgs,
     SparseArgs,
-    TruncNormalArgs,
-    UniformArgs,
-    VarianceScalingArgs,
-    compute_fans,
+    get_scheme,
 )
+from initrules.stream import Draw
 
-__all__ = ["ExpectedStats", "expected_stats"]
+__all__ = ["ExpectedStats", "expected_of_draw", "expected_stats"]
 
 
 class ExpectedStats(NamedTuple):
@@ -81,16 +75,6 @@ def _uniform_between(low: float, high: float) -> ExpectedStats:
     )
 
 
-def _uniform(shape: Shape, args: SchemeArgs) -> ExpectedStats:
-    assert isinstance(args, UniformArgs)
-    return _uniform_between(args.a, args.b)
-
-
-def _normal(shape: Shape, args: SchemeArgs) -> ExpectedStats:
-    assert isinstance(args, NormalArgs)
-    return ExpectedStats(args.mean, args.std)
-
-
 def _truncated(mean: float, std: float, low: float, high: float) -> ExpectedStats:
     """Moments of N(mean, std**2) truncated to [low, high]."""
     alpha = (low - mean) / std
@@ -110,11 +94,6 @@ def _truncated(mean: float, std: float, low: float, high: float) -> ExpectedStat
     )
 
 
-def _trunc_normal(shape: Shape, args: SchemeArgs) -> ExpectedStats:
-    assert isinstance(args, TruncNormalArgs)
-    return _truncated(args.mean, args.std, args.a, args.b)
-
-
 def _constant(value: float) -> Callable[[Shape, SchemeArgs], ExpectedStats]:
     def expected(shape: Shape, args: SchemeArgs) -> ExpectedStats:
         return ExpectedStats(value, 0.0)
@@ -125,35 +104,6 @@ def _constant(value: float) -> Callable[[Shape, SchemeArgs], ExpectedStats]:
 def _constant_val(shape: Shape, args: SchemeArgs) -> ExpectedStats:
     assert isinstance(args, ConstantArgs)
     return ExpectedStats(args.val, 0.0)
-
-
-def _centered(std: float, *, uniform: bool) -> ExpectedStats:
-    """Return a zero-mean normal, or the zero-mean uniform with the same std."""
-    if not uniform:
-        return ExpectedStats(0.0, std)
-    bound = math.sqrt(3.0) * std
-    return _uniform_between(-bound, bound)
-
-
-def _xavier(uniform: bool) -> Callable[[Shape, SchemeArgs], ExpectedStats]:
-    def expected(shape: Shape, args: SchemeArgs) -> ExpectedStats:
-        assert isinstance(args, GainArgs)
-        fan_in, fan_out = compute_fans(shape)
-        std = abs(args.gain) * math.sqrt(2.0 / (fan_in + fan_out))
-        return _centered(std, uniform=uniform)
-
-    return expected
-
-
-def _kaiming(uniform: bool) -> Callable[[Shape, SchemeArgs], ExpectedStats]:
-    def expected(shape: Shape, args: SchemeArgs) -> ExpectedStats:
-        assert isinstance(args, KaimingArgs)
-        fan_in, fan_out = compute_fans(shape)
-        fan = fan_in if args.mode == "fan_in" else fan_out
-        gain = nn.init.calculate_gain(args.nonlinearity, args.a)
-        return _centered(abs(gain) / math.sqrt(fan), uniform=uniform)
-
-    return expected
 
 
 def _orthogonal(shape: Shape, args: SchemeArgs) -> ExpectedStats:
@@ -178,48 +128,35 @@ def _sparse(shape: Shape, args: SchemeArgs) -> ExpectedStats:
     return ExpectedStats(0.0, args.std * math.sqrt(kept), 3.0 / kept)
 
 
-def _variance_scaling(shape: Shape, args: SchemeArgs) -> ExpectedStats:
-    assert isinstance(args, VarianceScalingArgs)
-    fan_in, fan_out = compute_fans(shape)
-    fans = {"fan_in": fan_in, "fan_out": fan_out, "fan_avg": (fan_in + fan_out) / 2}
-    std = math.sqrt(args.scale / max(1.0, fans[args.mode]))
-    if args.distribution == "truncated_normal":
-        # The fill widens the normal by 1 / TRUNCATED_NORMAL_STD and cuts it at
-        # two of its standard deviations, which brings the std back to `std`.
-        wide = std / TRUNCATED_NORMAL_STD
-        return _truncated(0.0, wide, -2 * wide, 2 * wide)
-    return _centered(std, uniform=args.distribution == "uniform")
-
-
-def _lecun_normal(shape: Shape, args: SchemeArgs) -> ExpectedStats:
-    return _variance_scaling(shape, LECUN_ARGS)
-
-
 _EXPECTED: dict[str, Callable[[Shape, SchemeArgs], ExpectedStats]] = {
-    "uniform": _uniform,
-    "normal": _normal,
-    "trunc_normal": _trunc_normal,
     "constant": _constant_val,
     "ones": _constant(1.0),
     "zeros": _constant(0.0),
-    "xavier_uniform": _xavier(uniform=True),
-    "xavier_normal": _xavier(uniform=False),
-    "kaiming_uniform": _kaiming(uniform=True),
-    "kaiming_normal": _kaiming(uniform=False),
     "orthogonal": _orthogonal,
     "sparse": _sparse,
-    "variance_scaling": _variance_scaling,
-    "lecun_normal": _lecun_normal,
 }
+
+
+def expected_of_draw(draw: Draw) -> ExpectedStats:
+    """Return the statistics of one elementwise draw."""
+    if draw.kind == "uniform":
+        return _uniform_between(draw.first, draw.second)
+    if draw.kind == "normal":
+        return ExpectedStats(draw.first, abs(draw.second))
+    return _truncated(draw.first, draw.second, draw.low, draw.high)
 
 
 def expected_stats(scheme: str, shape: Shape, args: SchemeArgs) -> ExpectedStats | None:
     """Return what ``scheme`` should give a tensor of ``shape``, if known.
 
     ``None`` for schemes without fixed statistics (``keep``, ``default``,
-    ``eye``, ``dirac``, custom schemes) and for zero-element shapes.
+    ``eye``, ``dirac``, custom schemes without a ``draw``) and for
+    zero-element shapes.
     """
-    compute = _EXPECTED.get(scheme)
-    if compute is None or math.prod(shape) == 0:
+    if math.prod(shape) == 0:
         return None
-    return compute(shape, args)
+    compute = _EXPECTED.get(scheme)
+    if compute is not None:
+        return compute(shape, args)
+    draw = get_scheme(scheme).draw
+    return None if draw is None else expected_of_draw(draw(shape, args))

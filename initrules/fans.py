@@ -2,10 +2,30 @@
 
 torch's convention (:func:`initrules.schemes.compute_fans`) reads fans from
 the shape alone: dim 1 is fan_in and dim 0 fan_out, both times the receptive
-field. That is right for ``nn.Linear`` and ``nn.Conv*d`` but not for
-transformers' ``Conv1D``, which stores its weight as (in, out), nor for
-transposed convolutions. The scale check needs the true fan_in: the number
-of inputs each output of the linear map sums over.
+field. That is right for ``nn.Linear`` and ungrouped, unstrided
+``nn.Conv*d``, but not for transformers' ``Conv1D``, which stores its weight
+as (in, out), nor for grouped, strided or transposed convolutions.
+
+The true fan_in of a weight is the number of inputs each output of its
+linear map sums over; the true fan_out is the number of outputs each input
+feeds. With ``k`` the product of the kernel sizes, ``s`` the product of the
+strides and ``g`` the groups:
+
+=====================================  ======================  ======================
+module                                 fan_in                  fan_out
+=====================================  ======================  ======================
+``nn.Linear``                          ``in_features``         ``out_features``
+``nn.Conv*d``                          ``in / g * k``          ``out / g * k / s``
+``nn.ConvTranspose*d``                 ``in / g * k / s``      ``out / g * k``
+transformers ``Conv1D`` (in, out)      ``shape[0]``            ``shape[1]``
+``nn.MultiheadAttention`` weights      ``shape[1]``            ``shape[0]``
+``nn.RNN``/``LSTM``/``GRU`` weights    ``shape[1]``            ``shape[0]``
+=====================================  ======================  ======================
+
+A fan divided by the stride is an average over positions, rounded and at
+least 1. For attention and recurrent weights the shape is that of the block
+being initialized: a whole stacked tensor, or one gate or projection of it
+when a rule splits the tensor into chunks.
 """
 
 from __future__ import annotations
@@ -14,7 +34,7 @@ import math
 
 from torch import nn
 
-__all__ = ["true_fan_in"]
+__all__ = ["true_fan_in", "true_fans"]
 
 
 def _is_transformers_conv1d(module: nn.Module) -> bool:
@@ -24,41 +44,43 @@ def _is_transformers_conv1d(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
 
 
-def true_fan_in(
+def _per_position(count: int, stride: tuple[int, ...]) -> int:
+    return max(1, round(count / math.prod(stride)))
+
+
+def true_fans(
     module: nn.Module, local_name: str, shape: tuple[int, ...]
-) -> int | None:
-    """Return the number of inputs each output of a weight's linear map sums over.
+) -> tuple[int, int] | None:
+    """Return ``(fan_in, fan_out)`` of a weight as its module uses it.
 
     Returns ``None`` for tensors that are not the weight of a known linear
-    map: embeddings, norms, and parameters of modules this function does not
-    know, whose layout the shape alone does not reveal.
-
-    Known layouts:
-
-    * ``nn.Linear`` (and subclasses): ``in_features``.
-    * ``nn.Conv1d/2d/3d``: ``in_channels / groups`` times the kernel size.
-    * ``nn.ConvTranspose1d/2d/3d``: ``in_channels / groups`` times the kernel
-      size divided by the stride, since each output position receives that
-      many kernel taps on average (at least 1).
-    * transformers' ``Conv1D``: dim 0 of the (in, out) weight.
-    * ``nn.MultiheadAttention``'s ``in_proj_weight`` and ``q/k/v_proj_weight``,
-      and the ``weight_ih_l*``/``weight_hh_l*`` of ``nn.RNN``, ``nn.LSTM`` and
-      ``nn.GRU``: dim 1, the input size of each stacked block.
+    map: embeddings, norms, biases, and parameters of modules whose layout
+    the shape alone does not reveal. The formulas are in this module's
+    documentation.
     """
     if len(shape) < 2:
         return None
     if isinstance(module, nn.Linear) and local_name == "weight":
-        return module.in_features
+        return module.in_features, module.out_features
     if isinstance(module, nn.modules.conv._ConvNd) and local_name == "weight":
         kernel = math.prod(module.kernel_size)
-        per_group = module.in_channels // module.groups
+        into = module.in_channels // module.groups * kernel
+        out = module.out_channels // module.groups * kernel
         if module.transposed:
-            return max(1, round(per_group * kernel / math.prod(module.stride)))
-        return per_group * kernel
+            return _per_position(into, module.stride), out
+        return into, _per_position(out, module.stride)
     if _is_transformers_conv1d(module) and local_name == "weight":
-        return shape[0]
+        return shape[0], shape[1]
     if isinstance(module, nn.MultiheadAttention) and local_name.endswith("proj_weight"):
-        return shape[1]
+        return shape[1], shape[0]
     if isinstance(module, nn.RNNBase) and local_name.startswith("weight_"):
-        return shape[1]
+        return shape[1], shape[0]
     return None
+
+
+def true_fan_in(
+    module: nn.Module, local_name: str, shape: tuple[int, ...]
+) -> int | None:
+    """Return the true fan_in of a weight (see :func:`true_fans`), or ``None``."""
+    fans = true_fans(module, local_name, shape)
+    return None if fans is None else fans[0]

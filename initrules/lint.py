@@ -218,7 +218,9 @@ _MATCH_ANY = {"name": "**", "param": "*", "regex": ".*"}
 
 
 def _is_catch_all(match: Match) -> bool:
-    predicates = match.model_dump(exclude={"kind", "exact"}, exclude_none=True)
+    predicates = match.model_dump(
+        exclude={"kind", "exact", "chunk_dim"}, exclude_none=True
+    )
     return all(_MATCH_ANY.get(key) == value for key, value in predicates.items())
 
 

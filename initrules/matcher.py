@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import re
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
@@ -389,6 +389,16 @@ class Matcher:
             )
             return MatchResult(compiled.index, compiled.rule, captures, also)
         return None
+
+    def later_matches(self, info: TensorInfo, after: int) -> Iterator[MatchResult]:
+        """Yield, in policy order, every rule after index ``after`` that matches.
+
+        The planner uses it to give each block of a split tensor its rule.
+        """
+        for compiled in self._rules[after + 1 :]:
+            captures = compiled.test(info)
+            if captures is not None:
+                yield MatchResult(compiled.index, compiled.rule, captures)
 
     def near_misses(self, info: TensorInfo) -> list[tuple[int, str, str]]:
         """Return the rules that fail on exactly one predicate for ``info``.

@@ -20,12 +20,13 @@ from torch.nn.parameter import UninitializedBuffer, UninitializedParameter
 
 from initrules.errors import PlanError
 from initrules.expressions import ExpressionError, Scope
-from initrules.fans import true_fan_in
+from initrules.fans import true_fans
 from initrules.matcher import Matcher, MatchResult, TensorInfo
 from initrules.schema import Policy
-from initrules.schemes import Scheme, SchemeArgs, compute_fans, get_scheme
+from initrules.schemes import FanArgs, Scheme, SchemeArgs, compute_fans, get_scheme
 
 __all__ = [
+    "Chunk",
     "Plan",
     "PlanProblem",
     "PlannedTensor",
@@ -75,9 +76,40 @@ class TensorEntry:
         return self.info.name
 
 
+@dataclass(frozen=True)
+class Chunk:
+    """One of ``count`` equal blocks of a tensor along dimension ``dim``.
+
+    Attributes:
+        index: 0-based position of the block.
+        count: Number of blocks.
+        dim: The dimension the tensor is split along.
+    """
+
+    index: int
+    count: int
+    dim: int
+
+    def shape_of(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """Return the block's shape within a tensor of ``shape``."""
+        return (
+            *shape[: self.dim],
+            shape[self.dim] // self.count,
+            *shape[self.dim + 1 :],
+        )
+
+    def view(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Return the block as a view of ``tensor``."""
+        size = tensor.shape[self.dim] // self.count
+        return tensor.narrow(self.dim, self.index * size, size)
+
+    def __str__(self) -> str:
+        return f"chunk {self.index} of {self.count}, dim {self.dim}"
+
+
 @dataclass
 class PlannedTensor:
-    """A tensor with its winning rule and the scheme that will fill it.
+    """A tensor, or one block of it, with its winning rule and scheme.
 
     Attributes:
         entry: The tensor.
@@ -85,12 +117,36 @@ class PlannedTensor:
         scheme: The scheme that fills it.
         args: The scheme's arguments for this tensor, with the rule's
             expressions evaluated (the rule's own arguments when it has none).
+        chunk: The block this item fills when a rule split the tensor, else
+            ``None`` for the whole tensor.
     """
 
     entry: TensorEntry
     match: MatchResult
     scheme: Scheme
     args: SchemeArgs
+    chunk: Chunk | None = None
+
+    @property
+    def target(self) -> torch.Tensor:
+        """The tensor the scheme fills: the whole tensor or a view of the block."""
+        tensor = self.entry.tensor
+        return tensor if self.chunk is None else self.chunk.view(tensor)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The shape the scheme fills: the tensor's or the block's."""
+        shape = tuple(self.entry.tensor.shape)
+        return shape if self.chunk is None else self.chunk.shape_of(shape)
+
+    @property
+    def label(self) -> str:
+        """The canonical name, with the block for one chunk of a tensor.
+
+        Seeded runs also name the block's random stream by it.
+        """
+        name = self.entry.name
+        return name if self.chunk is None else f"{name}[{self.chunk}]"
 
 
 @dataclass
@@ -290,30 +346,159 @@ def make_plan(
             else:
                 untouched.append(entry.name)
             continue
-        scheme = get_scheme(result.rule.init.scheme)
-        args = resolver.resolve(entry, result, scheme)
-        if isinstance(args, PlanProblem):
-            problems.append(args)
+        rule = result.rule
+        if rule.match.chunk is None and rule.init.chunks == 1:
+            blocks: list[tuple[Chunk | None, MatchResult]] | PlanProblem
+            blocks = [(None, result)]
+        else:
+            blocks = _blocks(entry, result, matcher)
+        if isinstance(blocks, PlanProblem):
+            problems.append(blocks)
             continue
-        problem = _check(entry, result, scheme, args)
-        if problem is not None:
-            problems.append(problem)
+        items = [_plan_one(entry, block, chunk, resolver) for chunk, block in blocks]
+        found = [item for item in items if isinstance(item, PlanProblem)]
+        if found:
+            problems += found
             continue
-        if entry.tensor.numel() == 0 and scheme.writes:
+        ready = [item for item in items if isinstance(item, PlannedTensor)]
+        if entry.tensor.numel() == 0 and any(item.scheme.writes for item in ready):
             skipped.append(SkippedTensor(entry, "zero elements", result))
             continue
-        planned.append(PlannedTensor(entry, result, scheme, args))
+        planned += ready
         if debug:
-            logger.debug(
-                "%s -> %s (%s)",
-                entry.name,
-                result.rule.label(result.rule_index),
-                scheme.name,
-            )
+            for item in ready:
+                logger.debug(
+                    "%s -> %s (%s)",
+                    item.label,
+                    item.match.rule.label(item.match.rule_index),
+                    item.scheme.name,
+                )
 
     if problems and raise_problems:
         _raise_problems([problem.message for problem in problems])
     return Plan(policy, planned, unmatched, skipped, untouched, problems)
+
+
+def _plan_one(
+    entry: TensorEntry,
+    result: MatchResult,
+    chunk: Chunk | None,
+    resolver: ArgumentResolver,
+) -> PlannedTensor | PlanProblem:
+    """Resolve the arguments of one tensor or block and check its scheme."""
+    scheme = get_scheme(result.rule.init.scheme)
+    shape = tuple(entry.tensor.shape)
+    if chunk is not None:
+        shape = chunk.shape_of(shape)
+        if scheme.needs_module_reset or scheme.needs_data:
+            return _problem(
+                entry,
+                result,
+                f"{scheme.name} initializes whole tensors and cannot fill {chunk}",
+                "use another scheme for the blocks, or do not split this tensor",
+            )
+    args = resolver.resolve(entry, result, scheme, shape)
+    if isinstance(args, PlanProblem):
+        return args
+    if isinstance(args, FanArgs) and args.fans == "module":
+        fans = true_fans(entry.module, entry.info.local_name, shape)
+        if fans is None:
+            return _problem(
+                entry,
+                result,
+                f"fans: module needs the weight of a module whose layout initrules "
+                f"knows (Linear, convolutions, transformers' Conv1D, "
+                f"MultiheadAttention, RNN/LSTM/GRU), and this tensor belongs to "
+                f"{type(entry.module).__name__}",
+                "use fans: torch, or give fan_in and fan_out explicitly",
+            )
+        args = args.model_copy(update={"fan_in": fans[0], "fan_out": fans[1]})
+    problem = _check(entry, result, scheme, args, shape, chunk)
+    if problem is not None:
+        return problem
+    return PlannedTensor(entry, result, scheme, args, chunk)
+
+
+def _blocks(
+    entry: TensorEntry, result: MatchResult, matcher: Matcher
+) -> list[tuple[Chunk | None, MatchResult]] | PlanProblem:
+    """Split a tensor into the blocks its winning rule asks for, each with a rule.
+
+    A winner with ``init.chunks`` fills every block itself. A winner that
+    selects one block with ``match.chunk`` gets that block; each other block
+    goes to the first later rule that matches the tensor and either selects
+    that block of the same split or selects no block.
+    """
+    rule = result.rule
+    selected = rule.match.chunk
+    if selected is None:
+        count, dim = rule.init.chunks, rule.init.dim
+    else:
+        count, dim = selected[1], rule.match.chunk_dim
+    shape = tuple(entry.tensor.shape)
+    problem = _split_problem(entry, result, count, dim, shape)
+    if problem is not None:
+        return problem
+    if selected is None:
+        return [(Chunk(index, count, dim), result) for index in range(count)]
+    owners: dict[int, MatchResult] = {selected[0]: result}
+    for later in matcher.later_matches(entry.info, result.rule_index):
+        if len(owners) == count:
+            break
+        choice = later.rule.match.chunk
+        if choice is None:
+            for index in range(count):
+                owners.setdefault(index, later)
+        elif choice[1] == count and later.rule.match.chunk_dim == dim:
+            owners.setdefault(choice[0], later)
+    missing = [index for index in range(count) if index not in owners]
+    if missing:
+        blocks = ", ".join(map(str, missing))
+        return _problem(
+            entry,
+            result,
+            f"the rule splits the tensor into {count} chunks along dim {dim}, and "
+            f"no rule matches chunk(s) {blocks}",
+            "add a rule for the other chunks (a rule without 'chunk' takes every "
+            "chunk left)",
+        )
+    blocks_with_rules: list[tuple[Chunk | None, MatchResult]] = []
+    for index in range(count):
+        owner = owners[index]
+        if owner.rule.init.chunks > 1:
+            return _problem(
+                entry,
+                owner,
+                f"the rule splits chunk {index} of {count} (dim {dim}), which "
+                f"{rule.label(result.rule_index)} already made a block of its own",
+                "drop 'chunks' from this rule's init, or narrow its match",
+            )
+        blocks_with_rules.append((Chunk(index, count, dim), owner))
+    return blocks_with_rules
+
+
+def _split_problem(
+    entry: TensorEntry,
+    result: MatchResult,
+    count: int,
+    dim: int,
+    shape: tuple[int, ...],
+) -> PlanProblem | None:
+    if dim >= len(shape):
+        return _problem(
+            entry,
+            result,
+            f"the rule splits dim {dim}, and the tensor has {len(shape)} dimension(s)",
+            "choose a dim the tensor has",
+        )
+    if shape[dim] % count:
+        return _problem(
+            entry,
+            result,
+            f"{count} chunks do not divide dim {dim} of size {shape[dim]}",
+            "use a chunk count that divides the size, or narrow the rule's match",
+        )
+    return None
 
 
 class ArgumentResolver:
@@ -332,20 +517,27 @@ class ArgumentResolver:
         self.config = _model_config(model)
 
     def resolve(
-        self, entry: TensorEntry, result: MatchResult, scheme: Scheme
+        self,
+        entry: TensorEntry,
+        result: MatchResult,
+        scheme: Scheme,
+        shape: tuple[int, ...],
     ) -> SchemeArgs | PlanProblem:
-        """Return the tensor's arguments, or the problem that prevents them."""
+        """Return the arguments for a tensor or block of ``shape``, or the problem.
+
+        ``fan_in``, ``fan_out``, ``numel`` and ``shape`` in expressions are
+        those of the block when a rule split the tensor.
+        """
         init = result.rule.init
         if not init.expressions:
             return init.args
-        shape = tuple(entry.tensor.shape)
         values: dict[str, float] = dict(self.variables)
         for key, value in result.captures.items():
             if value.isascii() and value.isdigit():
                 values[key] = int(value)
         names = set().union(*(e.names for e in init.expressions.values()))
         try:
-            values.update(self._fans(entry, names))
+            values.update(self._fans(entry, names, shape))
             values["numel"] = math.prod(shape)
             scope = Scope(values, shape, entry.module, self.config)
             evaluated = {
@@ -384,23 +576,21 @@ class ArgumentResolver:
             )
 
     @staticmethod
-    def _fans(entry: TensorEntry, names: set[str]) -> dict[str, float]:
+    def _fans(
+        entry: TensorEntry, names: set[str], shape: tuple[int, ...]
+    ) -> dict[str, float]:
+        """Return the module's true fans where known, else torch's convention."""
         if not names & {"fan_in", "fan_out"}:
             return {}
-        shape = tuple(entry.tensor.shape)
         if len(shape) < 2:
             raise ExpressionError(
                 f"fan_in and fan_out need a tensor with at least 2 dimensions, "
                 f"got {len(shape)}-D"
             )
-        fan_in, fan_out = compute_fans(shape)
-        true_in = true_fan_in(entry.module, entry.info.local_name, shape)
-        if true_in is not None and (true_in, len(shape)) == (shape[0], 2):
-            # A weight stored as (in, out), like transformers' Conv1D.
-            fan_out = shape[1]
-        # NOTE: fan_out follows torch's convention for every other layout,
-        # including transposed convolutions.
-        return {"fan_in": true_in or fan_in, "fan_out": fan_out}
+        fan_in, fan_out = true_fans(
+            entry.module, entry.info.local_name, shape
+        ) or compute_fans(shape)
+        return {"fan_in": fan_in, "fan_out": fan_out}
 
 
 def _checked_overrides(
@@ -436,12 +626,18 @@ def _model_config(model: nn.Module) -> object | None:
 
 
 def _problem(
-    entry: TensorEntry, result: MatchResult, reason: str, hint: str
+    entry: TensorEntry,
+    result: MatchResult,
+    reason: str,
+    hint: str,
+    chunk: Chunk | None = None,
 ) -> PlanProblem:
     dtype = str(entry.tensor.dtype).removeprefix("torch.")
+    shape = tuple(entry.tensor.shape)
+    block = f", {chunk} of shape {chunk.shape_of(shape)}" if chunk else ""
     detail = (
-        f"cannot initialize {entry.name!r} (shape {tuple(entry.tensor.shape)}, "
-        f"{dtype}): {reason}; {hint}"
+        f"cannot initialize {entry.name!r} (shape {shape}, {dtype}{block}): "
+        f"{reason}; {hint}"
     )
     return PlanProblem(entry, result, reason, detail)
 
@@ -457,10 +653,14 @@ def _reject_meta(entries: list[TensorEntry]) -> None:
 
 
 def _check(
-    entry: TensorEntry, result: MatchResult, scheme: Scheme, args: SchemeArgs
+    entry: TensorEntry,
+    result: MatchResult,
+    scheme: Scheme,
+    args: SchemeArgs,
+    shape: tuple[int, ...],
+    chunk: Chunk | None,
 ) -> PlanProblem | None:
     tensor = entry.tensor
-    shape = tuple(tensor.shape)
     # Without arguments the check covers the tensor's kind (ndim, dtype); a
     # failure that appears only with them is about the rule's arguments.
     reason = scheme.check(shape, tensor.dtype)
@@ -480,12 +680,7 @@ def _check(
         hint = "choose another scheme for this tensor"
     if reason is None:
         return None
-    dtype = str(tensor.dtype).removeprefix("torch.")
-    detail = (
-        f"cannot initialize {entry.name!r} (shape {tuple(tensor.shape)}, {dtype}): "
-        f"{reason}; {hint}"
-    )
-    return PlanProblem(entry, result, reason, detail)
+    return _problem(entry, result, reason, hint, chunk)
 
 
 def _has_reset(module: nn.Module) -> bool:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -20,6 +20,7 @@ __all__ = [
     "Report",
     "Row",
     "Skipped",
+    "format_args",
     "format_shape",
     "json_number",
 ]
@@ -49,6 +50,8 @@ class Row:
         expected_mean: The mean the scheme's arguments imply, if known.
         expected_std: The standard deviation they imply, if known.
         note: Extra detail, for example a zeroed padding row.
+        chunk: ``(index, count, dim)`` when the row is one block of a tensor
+            that a rule split into chunks; ``shape`` is then the block's.
     """
 
     name: str
@@ -70,6 +73,20 @@ class Row:
     expected_mean: float | None = None
     expected_std: float | None = None
     note: str = ""
+    chunk: tuple[int, int, int] | None = None
+
+    @property
+    def init_text(self) -> str:
+        """The scheme with its arguments, as the report prints it."""
+        return self.scheme + (f"({format_args(self.args)})" if self.args else "")
+
+    @property
+    def label(self) -> str:
+        """The name, with the block for one chunk of a tensor."""
+        if self.chunk is None:
+            return self.name
+        index, count, dim = self.chunk
+        return f"{self.name}[chunk {index} of {count}, dim {dim}]"
 
     @property
     def numel(self) -> int:
@@ -146,7 +163,8 @@ class Report:
         policy_name: The policy's ``name``, or its path when it has none.
         policy_path: The policy file, or ``"<text>"``.
         seed: The seed of the run, or ``None`` for torch's global generator.
-        rows: One row per distinct tensor written or kept, in module order.
+        rows: One row per distinct tensor written or kept, in module order;
+            a tensor that a rule split into chunks has one row per block.
         unmatched: Canonical names of parameters no rule matched.
         skipped: Matched tensors not written (zero elements).
         untouched_buffers: Canonical names of buffers no rule targets.
@@ -181,6 +199,9 @@ class Report:
     def row(self, name: str) -> Row:
         """Return the row of a tensor by its canonical name or one of its aliases.
 
+        For a tensor split into chunks this is its first block's row; see
+        :meth:`rows_of`.
+
         Raises:
             KeyError: No row has that name.
         """
@@ -189,14 +210,27 @@ class Report:
                 return row
         raise KeyError(f"no tensor named {name!r} in the report")
 
+    def rows_of(self, name: str) -> list[Row]:
+        """Return every row of a tensor: one, or one per block when it was split.
+
+        Raises:
+            KeyError: No row has that name.
+        """
+        found = [row for row in self.rows if row.name == name or name in row.aliases]
+        if not found:
+            raise KeyError(f"no tensor named {name!r} in the report")
+        return found
+
     @property
     def summary(self) -> dict[str, int]:
         """Counts: tensors and elements initialized, kept, unmatched, skipped."""
+        # A tensor split into chunks has a row per block but counts once.
         written = [row for row in self.rows if row.scheme != "keep"]
+        kept = {row.name for row in self.rows if row.scheme == "keep"}
         return {
-            "initialized": len(written),
+            "initialized": len({row.name for row in written}),
             "elements": sum(row.numel for row in written),
-            "kept": len(self.rows) - len(written),
+            "kept": len(kept),
             "unmatched": len(self.unmatched),
             "skipped": len(self.skipped),
             "untouched_buffers": len(self.untouched_buffers),
@@ -265,8 +299,17 @@ def _format_number(value: float | None) -> str:
     return "-" if value is None else f"{value:.4g}"
 
 
-def _format_args(args: dict[str, Any]) -> str:
-    return ", ".join(f"{key}={value}" for key, value in args.items())
+def format_args(args: Mapping[str, Any]) -> str:
+    """Return scheme arguments as ``key=value`` pairs, the fan settings last.
+
+    Unset arguments (``None``) are left out.
+    """
+    shown = [(key, value) for key, value in args.items() if value is not None]
+    shown.sort(key=lambda pair: pair[0] in _FAN_KEYS)
+    return ", ".join(f"{key}={value}" for key, value in shown)
+
+
+_FAN_KEYS = frozenset({"fans", "fan_in", "fan_out"})
 
 
 def _policy_text(report: Report) -> str:
@@ -291,10 +334,6 @@ def _rule_text(row: Row) -> str:
         line = row.rule_location.rsplit(":", 2)[-2]
         rule = f"{rule} (line {line})"
     return rule
-
-
-def _scheme_text(row: Row) -> str:
-    return row.scheme + (f"({_format_args(row.args)})" if row.args else "")
 
 
 def _markdown_cell(text: str) -> str:
@@ -322,11 +361,11 @@ def _format_markdown(report: Report) -> str:
     for row in report.rows:
         aliases = "".join(f" (= `{alias}`)" for alias in row.aliases)
         cells = (
-            f"`{row.name}`{aliases}",
+            f"`{row.label}`{aliases}",
             format_shape(row.shape),
             row.module_type,
             _rule_text(row),
-            _scheme_text(row),
+            row.init_text,
             _format_number(row.mean),
             _format_number(row.std),
             _format_number(row.expected_std),
@@ -376,8 +415,8 @@ def _format_report(report: Report) -> str:
     lines: list[tuple[str, ...]] = [header]
     for row in report.rows:
         rule = _rule_text(row)
-        scheme = _scheme_text(row)
-        name = row.name + (f" (= {', '.join(row.aliases)})" if row.aliases else "")
+        scheme = row.init_text
+        name = row.label + (f" (= {', '.join(row.aliases)})" if row.aliases else "")
         lines.append(
             (
                 name,

@@ -110,6 +110,11 @@ class Match(_Strict):
         ndim: Number of dimensions, or a list of allowed numbers.
         dtype: Dtype name, or a list of allowed names.
         kind: Whether the rule selects parameters or buffers.
+        chunk: ``[index, count]``: select one block (0-based) of the tensor
+            split into ``count`` equal chunks along ``chunk_dim``, such as
+            ``[1, 4]`` for an LSTM's forget gate. The tensor's other blocks
+            go to the first later rule that matches them.
+        chunk_dim: The dimension that ``chunk`` splits.
     """
 
     name: str | None = None
@@ -121,6 +126,8 @@ class Match(_Strict):
     ndim: list[int] | None = None
     dtype: list[DTypeName] | None = None
     kind: Literal["parameter", "buffer"] = "parameter"
+    chunk: list[int] | None = None
+    chunk_dim: int = Field(0, ge=0, le=63)
 
     @field_validator("module", "within", "ndim", "dtype", mode="before")
     @classmethod
@@ -172,6 +179,18 @@ class Match(_Strict):
             )
         return value
 
+    @field_validator("chunk")
+    @classmethod
+    def _chunk_pair(cls, value: list[int] | None) -> list[int] | None:
+        if value is None:
+            return None
+        if len(value) != 2 or not 0 <= value[0] < value[1] or value[1] < 2:
+            raise ValueError(
+                f"invalid chunk {value}: expected [index, count] with count >= 2 "
+                "and 0 <= index < count, such as [1, 4] for the second of four"
+            )
+        return value
+
     @model_validator(mode="after")
     def _consistent(self) -> Match:
         if self.name is not None and self.regex is not None:
@@ -180,6 +199,8 @@ class Match(_Strict):
             raise ValueError(
                 "'exact' applies to 'module'; add 'module' or drop 'exact'"
             )
+        if self.chunk is None and "chunk_dim" in self.model_fields_set:
+            raise ValueError("'chunk_dim' applies to 'chunk'; add 'chunk' or drop it")
         return self
 
 
@@ -192,12 +213,17 @@ class InitSpec(BaseModel):
     may be an arithmetic expression in a string
     (``std: "0.02 / sqrt(2 * config.n_layer)"``, see
     :mod:`initrules.expressions`), evaluated for each tensor at plan time.
+    With ``chunks``, the tensor is split into equal blocks along ``dim`` and
+    the scheme fills each block as a tensor of its own, with its own fans.
 
     Attributes:
         scheme: The scheme's name.
         args: The validated arguments. With expressions, the fields they set
             hold placeholders until the planner evaluates them per tensor.
         expressions: The arguments given as expressions, by name.
+        chunks: Number of equal blocks the scheme fills separately; it must
+            divide the tensor's size along ``dim``.
+        dim: The dimension that ``chunks`` splits.
     """
 
     model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
@@ -205,6 +231,8 @@ class InitSpec(BaseModel):
     scheme: str
     args: SchemeArgs
     expressions: dict[str, Expression] = {}
+    chunks: int = 1
+    dim: int = 0
 
     @model_validator(mode="before")
     @classmethod
@@ -222,9 +250,12 @@ class InitSpec(BaseModel):
             "scheme",
             "args",
             "expressions",
+            *_SPLIT_KEYS,
         }:
             return data
         arguments = dict(data)
+        split = {key: arguments.pop(key) for key in _SPLIT_KEYS if key in arguments}
+        _check_split(split)
         name = arguments.pop("scheme", None)
         if name is None:
             raise _error_at("scheme", "missing", "missing required key 'scheme'", data)
@@ -250,7 +281,7 @@ class InitSpec(BaseModel):
             args = scheme.args_model.model_validate(arguments)
         else:
             args = _template_args(scheme.args_model, arguments, expressions)
-        return {"scheme": name, "args": args, "expressions": expressions}
+        return {"scheme": name, "args": args, "expressions": expressions, **split}
 
     @classmethod
     def __get_pydantic_json_schema__(
@@ -265,6 +296,7 @@ class InitSpec(BaseModel):
                     key: _or_expression(value)
                     for key, value in args_schema.get("properties", {}).items()
                 },
+                **_SPLIT_SCHEMA,
             }
             choices.append(
                 {
@@ -279,6 +311,42 @@ class InitSpec(BaseModel):
             "oneOf": choices,
             "description": cls.__doc__ and cls.__doc__.split("\n")[0],
         }
+
+
+# Keys of an init mapping that split the tensor, not arguments of the scheme.
+_SPLIT_KEYS = ("chunks", "dim")
+_SPLIT_SCHEMA: dict[str, JsonSchemaValue] = {
+    "chunks": {
+        "type": "integer",
+        "minimum": 1,
+        "default": 1,
+        "description": "Number of equal blocks along 'dim' that the scheme fills "
+        "separately, each with its own fans.",
+    },
+    "dim": {
+        "type": "integer",
+        "minimum": 0,
+        "default": 0,
+        "description": "The dimension that 'chunks' splits.",
+    },
+}
+
+
+def _check_split(split: dict[str, Any]) -> None:
+    for key, value in split.items():
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise _error_at(key, "int_type", f"{key} must be an integer", value)
+    if split.get("chunks", 1) < 1:
+        raise _error_at("chunks", "chunks", "chunks must be at least 1", split)
+    if not 0 <= split.get("dim", 0) <= 63:
+        raise _error_at("dim", "dim", "dim must be between 0 and 63", split)
+    if "dim" in split and split.get("chunks", 1) == 1:
+        raise _error_at(
+            "dim",
+            "dim_alone",
+            "'dim' applies to 'chunks'; add 'chunks' or drop it",
+            split,
+        )
 
 
 def _or_expression(schema: JsonSchemaValue) -> JsonSchemaValue:
@@ -593,6 +661,13 @@ def policy_json_schema() -> dict[str, Any]:
         ("Expect", Expect),
     ):
         _describe_from_docstring(schema["$defs"][name], model)
+    # `extends` also takes one file name.
+    extends = schema["properties"]["extends"]
+    schema["properties"]["extends"] = {
+        "anyOf": [{"type": "string"}, {"type": "array", "items": extends["items"]}],
+        "default": extends["default"],
+        "description": extends["description"],
+    }
     match_properties = schema["$defs"]["Match"]["properties"]
     for field_name in ("module", "within", "ndim", "dtype"):
         # YAML accepts one value or a list of them.

@@ -39,6 +39,7 @@ __all__ = [
     "Scheme",
     "SchemeArgs",
     "compute_fans",
+    "fans_of",
     "get_scheme",
     "register_scheme",
     "scheme_names",
@@ -388,12 +389,51 @@ class DiracArgs(SchemeArgs):
 
 
 class GainArgs(SchemeArgs):
-    """Arguments of the Xavier and orthogonal schemes."""
+    """Arguments of ``orthogonal``: the scale of the orthonormal rows or columns."""
 
     gain: float = 1.0
 
 
-class KaimingArgs(SchemeArgs):
+class FanArgs(SchemeArgs):
+    """Arguments that every scheme scaled by fans takes.
+
+    Attributes:
+        fans: ``torch`` reads the fans from the shape, as ``torch.nn.init``
+            does; ``module`` uses the owning module's true fans (see
+            :mod:`initrules.fans`), which the planner resolves into
+            ``fan_in`` and ``fan_out`` for each tensor.
+        fan_in: Explicit fan_in, which replaces the one the shape gives.
+        fan_out: Explicit fan_out, which replaces the one the shape gives.
+    """
+
+    fans: Literal["torch", "module"] = "torch"
+    fan_in: int | None = Field(None, ge=1)
+    fan_out: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> FanArgs:
+        if self.fans == "module" and (self.fan_in or self.fan_out):
+            raise ValueError(
+                "give either fans: module or explicit fan_in/fan_out, not both"
+            )
+        return self
+
+
+def fans_of(shape: tuple[int, ...], args: SchemeArgs) -> tuple[int, int]:
+    """Return the ``(fan_in, fan_out)`` a fan-scaled scheme uses for ``shape``."""
+    fan_in, fan_out = compute_fans(shape)
+    if isinstance(args, FanArgs):
+        return args.fan_in or fan_in, args.fan_out or fan_out
+    return fan_in, fan_out
+
+
+class XavierArgs(FanArgs):
+    """Arguments of the Xavier (Glorot) schemes, as in ``torch.nn.init``."""
+
+    gain: float = 1.0
+
+
+class KaimingArgs(FanArgs):
     """Arguments of the Kaiming (He) schemes, as in ``torch.nn.init``."""
 
     a: float = 0.0
@@ -408,7 +448,7 @@ class SparseArgs(SchemeArgs):
     std: float = Field(0.01, ge=0.0)
 
 
-class VarianceScalingArgs(SchemeArgs):
+class VarianceScalingArgs(FanArgs):
     """Arguments of ``variance_scaling``, with JAX's meaning.
 
     The target variance is ``scale / n``, where ``n`` is fan_in, fan_out or
@@ -419,25 +459,6 @@ class VarianceScalingArgs(SchemeArgs):
     scale: float = Field(1.0, gt=0.0)
     mode: Literal["fan_in", "fan_out", "fan_avg"] = "fan_in"
     distribution: Literal["truncated_normal", "normal", "uniform"] = "truncated_normal"
-
-
-def _fill_uniform(tensor: torch.Tensor, args: SchemeArgs, ctx: FillContext) -> None:
-    assert isinstance(args, UniformArgs)
-    nn.init.uniform_(tensor, args.a, args.b, generator=ctx.generator)
-
-
-def _fill_normal(tensor: torch.Tensor, args: SchemeArgs, ctx: FillContext) -> None:
-    assert isinstance(args, NormalArgs)
-    nn.init.normal_(tensor, args.mean, args.std, generator=ctx.generator)
-
-
-def _fill_trunc_normal(
-    tensor: torch.Tensor, args: SchemeArgs, ctx: FillContext
-) -> None:
-    assert isinstance(args, TruncNormalArgs)
-    nn.init.trunc_normal_(
-        tensor, args.mean, args.std, args.a, args.b, generator=ctx.generator
-    )
 
 
 def _fill_constant(tensor: torch.Tensor, args: SchemeArgs, ctx: FillContext) -> None:
@@ -462,38 +483,6 @@ def _fill_dirac(tensor: torch.Tensor, args: SchemeArgs, ctx: FillContext) -> Non
     nn.init.dirac_(tensor, args.groups)
 
 
-def _fill_xavier_uniform(
-    tensor: torch.Tensor, args: SchemeArgs, ctx: FillContext
-) -> None:
-    assert isinstance(args, GainArgs)
-    nn.init.xavier_uniform_(tensor, args.gain, generator=ctx.generator)
-
-
-def _fill_xavier_normal(
-    tensor: torch.Tensor, args: SchemeArgs, ctx: FillContext
-) -> None:
-    assert isinstance(args, GainArgs)
-    nn.init.xavier_normal_(tensor, args.gain, generator=ctx.generator)
-
-
-def _fill_kaiming_uniform(
-    tensor: torch.Tensor, args: SchemeArgs, ctx: FillContext
-) -> None:
-    assert isinstance(args, KaimingArgs)
-    nn.init.kaiming_uniform_(
-        tensor, args.a, args.mode, args.nonlinearity, generator=ctx.generator
-    )
-
-
-def _fill_kaiming_normal(
-    tensor: torch.Tensor, args: SchemeArgs, ctx: FillContext
-) -> None:
-    assert isinstance(args, KaimingArgs)
-    nn.init.kaiming_normal_(
-        tensor, args.a, args.mode, args.nonlinearity, generator=ctx.generator
-    )
-
-
 def _fill_orthogonal(tensor: torch.Tensor, args: SchemeArgs, ctx: FillContext) -> None:
     assert isinstance(args, GainArgs)
     nn.init.orthogonal_(tensor, args.gain, generator=ctx.generator)
@@ -504,42 +493,13 @@ def _fill_sparse(tensor: torch.Tensor, args: SchemeArgs, ctx: FillContext) -> No
     nn.init.sparse_(tensor, args.sparsity, args.std, generator=ctx.generator)
 
 
-def _fill_variance_scaling(
-    tensor: torch.Tensor, args: SchemeArgs, ctx: FillContext
-) -> None:
-    assert isinstance(args, VarianceScalingArgs)
-    fan_in, fan_out = compute_fans(tuple(tensor.shape))
-    denominator = {
-        "fan_in": fan_in,
-        "fan_out": fan_out,
-        "fan_avg": (fan_in + fan_out) / 2,
-    }[args.mode]
-    variance = args.scale / max(1.0, denominator)
-    if args.distribution == "truncated_normal":
-        std = math.sqrt(variance) / TRUNCATED_NORMAL_STD
-        nn.init.trunc_normal_(
-            tensor, 0.0, std, -2 * std, 2 * std, generator=ctx.generator
-        )
-    elif args.distribution == "normal":
-        nn.init.normal_(tensor, 0.0, math.sqrt(variance), generator=ctx.generator)
-    else:
-        limit = math.sqrt(3.0 * variance)
-        nn.init.uniform_(tensor, -limit, limit, generator=ctx.generator)
-
-
-class LecunNormalArgs(SchemeArgs):
-    """``lecun_normal`` takes no arguments: variance 1/fan_in, truncated normal."""
+class LecunNormalArgs(FanArgs):
+    """Arguments of ``lecun_normal``: variance 1/fan_in, truncated normal."""
 
 
 LECUN_ARGS = VarianceScalingArgs(
     scale=1.0, mode="fan_in", distribution="truncated_normal"
 )
-
-
-def _fill_lecun_normal(
-    tensor: torch.Tensor, args: SchemeArgs, ctx: FillContext
-) -> None:
-    _fill_variance_scaling(tensor, LECUN_ARGS, ctx)
 
 
 def _fill_keep(tensor: torch.Tensor, args: SchemeArgs, ctx: FillContext) -> None:
@@ -623,55 +583,32 @@ def _check_constant(
     return None
 
 
-def _gain(args: KaimingArgs) -> float:
-    return nn.init.calculate_gain(args.nonlinearity, args.a)
+def _max_abs_by_draw(draw: DrawFn) -> MaxAbs:
+    """Return the largest magnitude of the distribution ``draw`` gives."""
+
+    def max_abs(shape: tuple[int, ...], args: SchemeArgs) -> float:
+        chosen = draw(shape, args)
+        if chosen.kind == "uniform":
+            # torch draws b - a and scales it, so the span must be finite too.
+            return max(
+                abs(chosen.first), abs(chosen.second), chosen.second - chosen.first
+            )
+        reach = abs(chosen.first) + _NORMAL_REACH * abs(chosen.second)
+        if chosen.kind == "trunc_normal":
+            return max(abs(chosen.low), abs(chosen.high), reach)
+        return reach
+
+    return max_abs
 
 
-def _max_abs_uniform(shape: tuple[int, ...], args: SchemeArgs) -> float:
-    assert isinstance(args, UniformArgs)
-    # torch draws b - a and scales it, so the span must be finite too.
-    return max(abs(args.a), abs(args.b), args.b - args.a)
-
-
-def _max_abs_normal(shape: tuple[int, ...], args: SchemeArgs) -> float:
-    assert isinstance(args, NormalArgs | SparseArgs)
-    mean = args.mean if isinstance(args, NormalArgs) else 0.0
-    return abs(mean) + _NORMAL_REACH * args.std
-
-
-def _max_abs_trunc_normal(shape: tuple[int, ...], args: SchemeArgs) -> float:
-    assert isinstance(args, TruncNormalArgs)
-    return max(abs(args.a), abs(args.b), abs(args.mean) + _NORMAL_REACH * args.std)
-
-
-def _max_abs_xavier(shape: tuple[int, ...], args: SchemeArgs) -> float:
-    assert isinstance(args, GainArgs)
-    fan_in, fan_out = compute_fans(shape)
-    std = abs(args.gain) * math.sqrt(2.0 / max(1, fan_in + fan_out))
-    return _NORMAL_REACH * std
-
-
-def _max_abs_kaiming(shape: tuple[int, ...], args: SchemeArgs) -> float:
-    assert isinstance(args, KaimingArgs)
-    fan_in, fan_out = compute_fans(shape)
-    fan = fan_in if args.mode == "fan_in" else fan_out
-    return _NORMAL_REACH * abs(_gain(args)) / math.sqrt(max(1, fan))
+def _max_abs_sparse(shape: tuple[int, ...], args: SchemeArgs) -> float:
+    assert isinstance(args, SparseArgs)
+    return _NORMAL_REACH * args.std
 
 
 def _max_abs_orthogonal(shape: tuple[int, ...], args: SchemeArgs) -> float:
     assert isinstance(args, GainArgs)
     return abs(args.gain)
-
-
-def _max_abs_variance_scaling(shape: tuple[int, ...], args: SchemeArgs) -> float:
-    assert isinstance(args, VarianceScalingArgs)
-    fan_in, fan_out = compute_fans(shape)
-    fans = {"fan_in": fan_in, "fan_out": fan_out, "fan_avg": (fan_in + fan_out) / 2}
-    return _NORMAL_REACH * math.sqrt(args.scale / max(1.0, fans[args.mode]))
-
-
-def _max_abs_lecun_normal(shape: tuple[int, ...], args: SchemeArgs) -> float:
-    return _max_abs_variance_scaling(shape, LECUN_ARGS)
 
 
 def _argument_problem(item: ErrorDetails) -> str:
@@ -804,9 +741,9 @@ def _centered_draw(std: float, *, uniform: bool) -> Draw:
 
 def _draw_xavier(uniform: bool) -> DrawFn:
     def draw(shape: tuple[int, ...], args: SchemeArgs) -> Draw:
-        assert isinstance(args, GainArgs)
-        fan_in, fan_out = compute_fans(shape)
-        std = args.gain * math.sqrt(2.0 / float(fan_in + fan_out))
+        assert isinstance(args, XavierArgs)
+        fan_in, fan_out = fans_of(shape, args)
+        std = args.gain * math.sqrt(2.0 / float(max(1, fan_in + fan_out)))
         return _centered_draw(std, uniform=uniform)
 
     return draw
@@ -815,17 +752,17 @@ def _draw_xavier(uniform: bool) -> DrawFn:
 def _draw_kaiming(uniform: bool) -> DrawFn:
     def draw(shape: tuple[int, ...], args: SchemeArgs) -> Draw:
         assert isinstance(args, KaimingArgs)
-        fan_in, fan_out = compute_fans(shape)
+        fan_in, fan_out = fans_of(shape, args)
         fan = fan_in if args.mode == "fan_in" else fan_out
-        std = nn.init.calculate_gain(args.nonlinearity, args.a) / math.sqrt(fan)
-        return _centered_draw(std, uniform=uniform)
+        gain = nn.init.calculate_gain(args.nonlinearity, args.a)
+        return _centered_draw(gain / math.sqrt(max(1, fan)), uniform=uniform)
 
     return draw
 
 
 def _draw_variance_scaling(shape: tuple[int, ...], args: SchemeArgs) -> Draw:
     assert isinstance(args, VarianceScalingArgs)
-    fan_in, fan_out = compute_fans(shape)
+    fan_in, fan_out = fans_of(shape, args)
     fans = {"fan_in": fan_in, "fan_out": fan_out, "fan_avg": (fan_in + fan_out) / 2}
     variance = args.scale / max(1.0, fans[args.mode])
     if args.distribution == "truncated_normal":
@@ -838,35 +775,44 @@ def _draw_variance_scaling(shape: tuple[int, ...], args: SchemeArgs) -> Draw:
 
 
 def _draw_lecun_normal(shape: tuple[int, ...], args: SchemeArgs) -> Draw:
-    return _draw_variance_scaling(shape, LECUN_ARGS)
+    assert isinstance(args, LecunNormalArgs)
+    if args.fan_in is None and args.fan_out is None:
+        return _draw_variance_scaling(shape, LECUN_ARGS)
+    explicit = LECUN_ARGS.model_copy(
+        update={"fan_in": args.fan_in, "fan_out": args.fan_out}
+    )
+    return _draw_variance_scaling(shape, explicit)
+
+
+def _sampled(draw: DrawFn) -> FillFn:
+    """Return a fill that samples the distribution ``draw`` gives, elementwise."""
+
+    def fill(tensor: torch.Tensor, args: SchemeArgs, ctx: FillContext) -> None:
+        draw(tuple(tensor.shape), args).sample_(tensor, ctx.generator)
+
+    return fill
+
+
+def _by_draw(
+    name: str, args_model: type[SchemeArgs], draw: DrawFn, *, min_ndim: int = 0
+) -> Scheme:
+    """Return a random scheme defined by its elementwise distribution."""
+    return Scheme(
+        name,
+        args_model,
+        _in_float32(_sampled(draw)),
+        random=True,
+        min_ndim=min_ndim,
+        max_abs=_max_abs_by_draw(draw),
+        draw=draw,
+    )
 
 
 def _register_builtins() -> None:
     builtins = [
-        Scheme(
-            "uniform",
-            UniformArgs,
-            _in_float32(_fill_uniform),
-            random=True,
-            max_abs=_max_abs_uniform,
-            draw=_draw_uniform,
-        ),
-        Scheme(
-            "normal",
-            NormalArgs,
-            _in_float32(_fill_normal),
-            random=True,
-            max_abs=_max_abs_normal,
-            draw=_draw_normal,
-        ),
-        Scheme(
-            "trunc_normal",
-            TruncNormalArgs,
-            _in_float32(_fill_trunc_normal),
-            random=True,
-            max_abs=_max_abs_trunc_normal,
-            draw=_draw_trunc_normal,
-        ),
+        _by_draw("uniform", UniformArgs, _draw_uniform),
+        _by_draw("normal", NormalArgs, _draw_normal),
+        _by_draw("trunc_normal", TruncNormalArgs, _draw_trunc_normal),
         Scheme(
             "constant",
             ConstantArgs,
@@ -886,41 +832,13 @@ def _register_builtins() -> None:
             max_ndim=5,
             check_args=_check_dirac,
         ),
-        Scheme(
-            "xavier_uniform",
-            GainArgs,
-            _in_float32(_fill_xavier_uniform),
-            random=True,
-            min_ndim=2,
-            max_abs=_max_abs_xavier,
-            draw=_draw_xavier(uniform=True),
+        _by_draw("xavier_uniform", XavierArgs, _draw_xavier(uniform=True), min_ndim=2),
+        _by_draw("xavier_normal", XavierArgs, _draw_xavier(uniform=False), min_ndim=2),
+        _by_draw(
+            "kaiming_uniform", KaimingArgs, _draw_kaiming(uniform=True), min_ndim=2
         ),
-        Scheme(
-            "xavier_normal",
-            GainArgs,
-            _in_float32(_fill_xavier_normal),
-            random=True,
-            min_ndim=2,
-            max_abs=_max_abs_xavier,
-            draw=_draw_xavier(uniform=False),
-        ),
-        Scheme(
-            "kaiming_uniform",
-            KaimingArgs,
-            _in_float32(_fill_kaiming_uniform),
-            random=True,
-            min_ndim=2,
-            max_abs=_max_abs_kaiming,
-            draw=_draw_kaiming(uniform=True),
-        ),
-        Scheme(
-            "kaiming_normal",
-            KaimingArgs,
-            _in_float32(_fill_kaiming_normal),
-            random=True,
-            min_ndim=2,
-            max_abs=_max_abs_kaiming,
-            draw=_draw_kaiming(uniform=False),
+        _by_draw(
+            "kaiming_normal", KaimingArgs, _draw_kaiming(uniform=False), min_ndim=2
         ),
         Scheme(
             "orthogonal",
@@ -937,26 +855,12 @@ def _register_builtins() -> None:
             random=True,
             min_ndim=2,
             max_ndim=2,
-            max_abs=_max_abs_normal,
+            max_abs=_max_abs_sparse,
         ),
-        Scheme(
-            "variance_scaling",
-            VarianceScalingArgs,
-            _in_float32(_fill_variance_scaling),
-            random=True,
-            min_ndim=2,
-            max_abs=_max_abs_variance_scaling,
-            draw=_draw_variance_scaling,
+        _by_draw(
+            "variance_scaling", VarianceScalingArgs, _draw_variance_scaling, min_ndim=2
         ),
-        Scheme(
-            "lecun_normal",
-            LecunNormalArgs,
-            _in_float32(_fill_lecun_normal),
-            random=True,
-            min_ndim=2,
-            max_abs=_max_abs_lecun_normal,
-            draw=_draw_lecun_normal,
-        ),
+        _by_draw("lecun_normal", LecunNormalArgs, _draw_lecun_normal, min_ndim=2),
         Scheme("keep", NoArgs, _fill_keep, random=False, writes=False),
         Scheme("default", NoArgs, _fill_default, random=True, needs_module_reset=True),
         Scheme(

@@ -68,8 +68,8 @@ class Draw:
     low: float = -math.inf
     high: float = math.inf
 
-    def sample_(self, out: torch.Tensor, generator: torch.Generator) -> None:
-        """Fill ``out`` in place with draws from ``generator``."""
+    def sample_(self, out: torch.Tensor, generator: torch.Generator | None) -> None:
+        """Fill ``out`` in place from ``generator``, or torch's global one if None."""
         if self.kind == "normal":
             nn.init.normal_(out, self.first, self.second, generator=generator)
         elif self.kind == "uniform":

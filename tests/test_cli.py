@@ -654,7 +654,7 @@ def test_explain_every_tensor(
         "    init: zeros()",
         "2.weight (Linear, 2x8, float32)",
         "  winner: rule 2 'linear weights' at explain.yaml:6:5",
-        "    init: xavier_uniform(gain=1.0)",
+        "    init: xavier_uniform(gain=1.0, fans=torch)",
         "  also matched: rule 3 'all weights' at explain.yaml:9:5",
         "2.bias (Linear, 2, float32)",
         "  winner: rule 4 'biases' at explain.yaml:12:5",

@@ -117,13 +117,13 @@ PRINTED_SCHEMES = [
     (
         "nested_model",
         "conv.weight",
-        "kaiming_normal(a=0.0, mode=fan_out, nonlinearity=relu)",
+        "kaiming_normal(a=0.0, mode=fan_out, nonlinearity=relu, fans=torch)",
     ),
     ("nested_model", "conv.bias", "zeros"),
-    ("nested_model", "head.0.weight", "xavier_normal(gain=1.0)"),
+    ("nested_model", "head.0.weight", "xavier_normal(gain=1.0, fans=torch)"),
     ("nested_model", "head.2.weight", "normal(mean=0.0, std=0.01)"),
     ("name_targeted", "embed.weight", "normal(mean=0.0, std=0.02)"),
-    ("name_targeted", "proj_in.weight", "xavier_uniform(gain=1.0)"),
+    ("name_targeted", "proj_in.weight", "xavier_uniform(gain=1.0, fans=torch)"),
     ("name_targeted", "gate.bias", "zeros"),
     ("name_targeted", "norm.weight", "ones"),
 ]
@@ -161,7 +161,7 @@ def test_printed_rule_name(name: str, tensor: str, rule: str) -> None:
 def test_name_targeted_prints_row_and_captures() -> None:
     output = script_output("name_targeted")
     assert "report.row('proj_in.weight'):" in output
-    assert "  scheme:   xavier_uniform {'gain': 1.0}" in output
+    assert "  scheme:   xavier_uniform(gain=1.0, fans=torch)" in output
     assert "proj_in.weight: captured {'side': 'in'}" in output
     assert "proj_out.weight: captured {'side': 'out'}" in output
 

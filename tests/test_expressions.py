@@ -541,7 +541,14 @@ def test_captures_are_integers() -> None:
 FANS: dict[str, tuple[Callable[[], nn.Module], int, int]] = {
     "linear": (lambda: nn.Linear(5, 7), 5, 7),
     "conv2d": (lambda: nn.Conv2d(3, 8, (2, 4)), 3 * 2 * 4, 8 * 2 * 4),
-    "grouped_conv2d": (lambda: nn.Conv2d(4, 8, 3, groups=2), 2 * 9, 8 * 9),
+    # True fans: per group, and a stride divides the fan on the strided side.
+    "grouped_conv2d": (lambda: nn.Conv2d(4, 8, 3, groups=2), 2 * 9, 4 * 9),
+    "strided_conv2d": (lambda: nn.Conv2d(4, 8, 3, stride=2), 4 * 9, 8 * 9 // 4),
+    "conv_transpose2d": (
+        lambda: nn.ConvTranspose2d(4, 6, 3, stride=(1, 3), groups=2),
+        2 * 9 // 3,
+        3 * 9,
+    ),
     "conv1d_transformers": (transformers_conv1d, 5, 7),
 }
 

@@ -35,7 +35,7 @@ MODEL_COMMENT = "# model: "
 EXPECTED_LINES = {
     "IR001": [
         "{path}:6:36: IR001 unknown key 'mdoe' in 'init' of rule 1; valid keys: "
-        "scheme, a, mode, nonlinearity"
+        "scheme, a, fan_in, fan_out, fans, mode, nonlinearity"
     ],
     "IR002": [
         "{path}:4:5: IR002 lint_ignore of rule 1 'convolutions' silences IR104 "

@@ -69,8 +69,8 @@ BAD_TEXT = [
     (
         "unknown-key",
         "rules:\n  - match: {nmae: weight}\n    init: zeros\n",
-        "2:13: unknown key 'nmae' in 'match' of rule 1; valid keys: dtype, exact, "
-        "kind, module, name, ndim, param, regex, within",
+        "2:13: unknown key 'nmae' in 'match' of rule 1; valid keys: chunk, "
+        "chunk_dim, dtype, exact, kind, module, name, ndim, param, regex, within",
     ),
     (
         "unknown-top-level-key",
@@ -223,8 +223,8 @@ BAD_TEXT = [
     (
         "several-errors",
         "rules:\n  - match: {nmae: weight}\n  - match: {}\n",
-        "2:13: unknown key 'nmae' in 'match' of rule 1; valid keys: dtype, "
-        "exact, kind, module, name, ndim, param, regex, within (and 2 more "
+        "2:13: unknown key 'nmae' in 'match' of rule 1; valid keys: chunk, "
+        "chunk_dim, dtype, exact, kind, module, name, ndim, param, regex, within (and 2 more "
         "errors)",
     ),
 ]

@@ -41,7 +41,17 @@ def test_scheme_arguments_forbid_extras() -> None:
     choices = initrules.policy_json_schema()["$defs"]["InitSpec"]["oneOf"][1:]
     kaiming = next(choice for choice in choices if choice["title"] == "kaiming_normal")
     assert kaiming["additionalProperties"] is False
-    assert set(kaiming["properties"]) == {"scheme", "a", "mode", "nonlinearity"}
+    assert set(kaiming["properties"]) == {
+        "scheme",
+        "a",
+        "mode",
+        "nonlinearity",
+        "fans",
+        "fan_in",
+        "fan_out",
+        "chunks",
+        "dim",
+    }
 
 
 SHIPPED = sorted((Path(__file__).parents[1] / "policies").glob("*.yaml"))
