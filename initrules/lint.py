@@ -29,7 +29,7 @@ from initrules.matcher import Matcher
 from initrules.planner import Plan, make_plan
 from initrules.report import format_shape
 from initrules.schema import Match, Policy, Rule
-from initrules.schemes import KaimingArgs, TruncNormalArgs
+from initrules.schemes import KaimingArgs, SchemeArgs, TruncNormalArgs
 
 __all__ = ["CODES", "Finding", "LintCode", "lint_path", "lint_policy", "sort_findings"]
 
@@ -301,7 +301,34 @@ def _rule_findings(policy: Policy, index: int, rule: Rule) -> list[Finding]:
                 "use '+' instead of '*' where a segment must be present",
             )
         )
-    args = rule.init.args
+    # Arguments given as expressions are known only per tensor; linting
+    # against a model judges them there (see _model_findings).
+    if not rule.init.expressions.keys() & _JUDGED_ARGUMENTS:
+        findings += _argument_findings(policy, index, label, rule.init.args)
+    for spec in [*(rule.match.module or []), *(rule.match.within or [])]:
+        problem = _class_problem(spec) if "." in spec else None
+        if problem is not None:
+            findings.append(
+                _finding(
+                    policy,
+                    index,
+                    "IR106",
+                    f"{label} names the class {spec!r}, which {problem}; check the "
+                    "module path, or use the bare class name",
+                )
+            )
+    return findings
+
+
+# Arguments that IR104 and IR105 judge.
+_JUDGED_ARGUMENTS = frozenset({"a", "b", "mean", "std"})
+
+
+def _argument_findings(
+    policy: Policy, index: int, label: str, args: SchemeArgs
+) -> list[Finding]:
+    """Return IR104 and IR105 findings on one set of a rule's arguments."""
+    findings = []
     if (
         isinstance(args, KaimingArgs)
         and args.a != 0
@@ -318,19 +345,24 @@ def _rule_findings(policy: Policy, index: int, rule: Rule) -> list[Finding]:
         )
     if isinstance(args, TruncNormalArgs) and args.std > 0:
         findings += _truncation_findings(policy, index, label, args)
-    for spec in [*(rule.match.module or []), *(rule.match.within or [])]:
-        problem = _class_problem(spec) if "." in spec else None
-        if problem is not None:
-            findings.append(
-                _finding(
-                    policy,
-                    index,
-                    "IR106",
-                    f"{label} names the class {spec!r}, which {problem}; check the "
-                    "module path, or use the bare class name",
-                )
-            )
     return findings
+
+
+def _evaluated_argument_findings(policy: Policy, plan: Plan) -> list[Finding]:
+    """Judge the arguments that expressions give, tensor by tensor.
+
+    A rule gets at most one finding per code: the first tensor's.
+    """
+    found: dict[tuple[int, str], Finding] = {}
+    for item in plan.planned:
+        rule = item.match.rule
+        if not rule.init.expressions.keys() & _JUDGED_ARGUMENTS:
+            continue
+        index = item.match.rule_index
+        label = f"{rule.label(index, with_location=False)} on {item.label!r}"
+        for finding in _argument_findings(policy, index, label, item.args):
+            found.setdefault((index, finding.code), finding)
+    return list(found.values())
 
 
 def _truncation_findings(
@@ -425,6 +457,7 @@ def _model_findings(policy: Policy, model: nn.Module) -> list[Finding]:
         if finding.code not in ("IR202", "IR205")
         or finding.rule_index not in alias_rules
     ]
+    findings += _evaluated_argument_findings(policy, plan)
     for problem in plan.problems:
         index = problem.match.rule_index
         label = problem.match.rule.label(index, with_location=False)

@@ -579,18 +579,25 @@ class ArgumentResolver:
     def _fans(
         entry: TensorEntry, names: set[str], shape: tuple[int, ...]
     ) -> dict[str, float]:
-        """Return the module's true fans where known, else torch's convention."""
+        """Return the module's true fans where known, else torch's convention.
+
+        A tensor with fewer than 2 dimensions (a bias) gets the fans of its
+        module's ``weight``, as torch's own bias init uses them.
+        """
         if not names & {"fan_in", "fan_out"}:
             return {}
+        local_name = entry.info.local_name
         if len(shape) < 2:
-            raise ExpressionError(
-                f"fan_in and fan_out need a tensor with at least 2 dimensions, "
-                f"got {len(shape)}-D"
-            )
-        fan_in, fan_out = true_fans(
-            entry.module, entry.info.local_name, shape
-        ) or compute_fans(shape)
-        return {"fan_in": fan_in, "fan_out": fan_out}
+            weight = getattr(entry.module, "weight", None)
+            if not isinstance(weight, torch.Tensor) or weight.dim() < 2:
+                raise ExpressionError(
+                    f"fan_in and fan_out need a tensor with at least 2 dimensions, "
+                    f"or one whose module has a weight with at least 2; got a "
+                    f"{len(shape)}-D tensor of {type(entry.module).__name__}"
+                )
+            local_name, shape = "weight", tuple(weight.shape)
+        fans = true_fans(entry.module, local_name, shape) or compute_fans(shape)
+        return {"fan_in": fans[0], "fan_out": fans[1]}
 
 
 def _checked_overrides(

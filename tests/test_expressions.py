@@ -666,7 +666,6 @@ def test_superscript_capture_is_plan_error() -> None:
 # --- evaluation errors --------------------------------------------------------------
 
 WEIGHT = "'0.weight' (shape (3, 4), float32)"
-BIAS = "'0.bias' (shape (3,), float32)"
 
 
 def failed(reason: str) -> str:
@@ -693,11 +692,6 @@ EVALUATION_ERRORS = {
         failed("config.n_layer is not available: the model has no config"),
     ),
     "shape[5]": ("weight", WEIGHT, failed("shape[5] is out of range for a 2-D tensor")),
-    "fan_in / 1000": (
-        "*",
-        BIAS,
-        failed("fan_in and fan_out need a tensor with at least 2 dimensions, got 1-D"),
-    ),
     "log(-1)": ("weight", WEIGHT, failed("'log(-1)' failed: math domain error")),
     "exp(1000)": ("weight", WEIGHT, failed("'exp(1000)' failed: math range error")),
     "1e308 * 10": (
@@ -725,6 +719,47 @@ def test_evaluation_error_message(expression: str) -> None:
     expected = f"rule 1 'scaled' at <text>:4:5 cannot initialize {tensor}: {detail}"
     assert str(caught.value) == expected
     assert_unchanged(model, before)
+
+
+def test_fans_of_a_norm_weight_are_an_error() -> None:
+    policy = load_policy(text=policy_text("fan_in / 1000", param="weight"))
+    model = nn.Sequential(nn.LayerNorm(3))
+    before = snapshot(model)
+    with pytest.raises(PlanError) as caught:
+        initrules.apply(model, policy, seed=0)
+    reason = (
+        "fan_in and fan_out need a tensor with at least 2 dimensions, or one whose "
+        "module has a weight with at least 2; got a 1-D tensor of LayerNorm"
+    )
+    assert str(caught.value) == (
+        "rule 1 'scaled' at <text>:4:5 cannot initialize '0.weight' (shape (3,), "
+        f"float32): {failed(reason)}"
+    )
+    assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize(
+    ("factory", "fan_in"),
+    [
+        (lambda: nn.Linear(5, 3), 5),
+        (lambda: nn.Conv2d(4, 6, 3, groups=2), 2 * 9),
+    ],
+    ids=["linear", "grouped_conv2d"],
+)
+def test_bias_gets_the_fans_of_its_weight(
+    factory: Callable[[], nn.Module], fan_in: int
+) -> None:
+    # torch's own bias init draws from U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+    text = (
+        "checks: {scale: false}\n"
+        "rules:\n"
+        "  - match: {param: weight}\n"
+        "    init: zeros\n"
+        "  - match: {param: bias}\n"
+        "    init: {scheme: uniform, a: '-1 / sqrt(fan_in)', b: '1 / sqrt(fan_in)'}\n"
+    )
+    report = initrules.apply(factory(), load_policy(text=text), seed=0)
+    assert report.row("bias").args["b"] == pytest.approx(1 / math.sqrt(fan_in))
 
 
 def test_nested_power_rejected() -> None:

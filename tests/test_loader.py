@@ -224,8 +224,8 @@ BAD_TEXT = [
         "several-errors",
         "rules:\n  - match: {nmae: weight}\n  - match: {}\n",
         "2:13: unknown key 'nmae' in 'match' of rule 1; valid keys: chunk, "
-        "chunk_dim, dtype, exact, kind, module, name, ndim, param, regex, within (and 2 more "
-        "errors)",
+        "chunk_dim, dtype, exact, kind, module, name, ndim, param, regex, within "
+        "(and 2 more errors)",
     ),
 ]
 
