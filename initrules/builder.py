@@ -163,7 +163,8 @@ def build(
             policy's ``on_unmatched`` sets, since its memory would hold
             garbage. Raised before any memory is allocated.
         PlanError: A rule keeps a parameter as it is (``keep``), which would
-            leave it uninitialized, or a buffer was left on the meta device.
+            leave it uninitialized, a buffer was left on the meta device, or
+            a lazy module has no shapes yet.
         PolicyError, CheckError: As for :func:`apply`.
     """
     resolved = resolve_policy(policy)
@@ -192,6 +193,13 @@ def _check_plan(
 ) -> None:
     """Reject what would leave memory uninitialized, before allocating any."""
     plan = make_plan(model, policy, allow_meta=True, variables=variables)
+    if plan.lazy:
+        raise PlanError(
+            f"{len(plan.lazy)} tensor(s) of lazy modules are not materialized "
+            f"(first: {plan.lazy[0]!r}), and build cannot run a forward pass to "
+            "give them a shape; construct the model with shapes, or materialize it "
+            "with a forward pass and use apply"
+        )
     if plan.unmatched:
         raise UnmatchedTensorsError(
             [entry.name for entry in plan.unmatched],

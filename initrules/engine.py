@@ -148,12 +148,20 @@ def apply(
         # The arguments alone fail a check, so nothing is written.
         raise CheckError(report)
     zeroed: dict[int, int] = {}
+    notes: dict[int, str] = {}
     with torch.no_grad():
         for written, item in enumerate(plan.planned):
             try:
                 zeroed[id(item.entry.tensor)] = _fill(item, seed)
             except Exception as error:
                 raise _write_error(item, written, error) from error
+        for item in plan.planned:
+            if item.entry.parametrization is None or id(item.entry) in notes:
+                continue
+            try:
+                notes[id(item.entry)] = _write_through(item)
+            except Exception as error:
+                raise _write_error(item, len(plan.planned), error) from error
     if any(item.scheme.needs_data for item in plan.planned):
         try:
             report.lsuv = run_lsuv(model, plan, data)
@@ -163,7 +171,7 @@ def apply(
                 f"{error}; the static schemes have written their tensors, so check "
                 "that data fits the model's forward (shape, dtype, argument names)"
             ) from error
-    _record_rows(report, plan, zeroed)
+    _record_rows(report, plan, zeroed, notes)
     report.failures += tie_failures(plan, model)
     if resolved.checks.enabled:
         report.failures += lsuv_failures(report.lsuv)
@@ -214,7 +222,7 @@ def check(
     plan = make_plan(model, resolved, variables=vars)
     report = _new_report(plan, None)
     report.failures += plan_failures(plan)
-    _record_rows(report, plan, None, judge_arguments=True)
+    _record_rows(report, plan, None, {}, judge_arguments=True)
     report.failures += tie_failures(plan, model)
     if probe_inputs is not None:
         _run_probe(report, model, probe_inputs, resolved.checks)
@@ -279,6 +287,14 @@ def _canonical_key(key: str) -> str:
         if segment
         not in ("_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module")
     ]
+    # A parametrized tensor is stored as NAME.parametrizations.LOCAL.original*
+    # and planned as NAME.LOCAL.
+    if (
+        len(segments) >= 3
+        and segments[-3] == "parametrizations"
+        and segments[-1].startswith("original")
+    ):
+        segments = [*segments[:-3], segments[-2]]
     return ".".join(segments)
 
 
@@ -300,6 +316,12 @@ def _require_data(plan: Plan, data: Any) -> None:
             )
 
 
+_LAZY_REASON = (
+    "lazy module, not materialized yet; run one forward pass with example inputs, "
+    "then apply the policy again"
+)
+
+
 def _new_report(plan: Plan, seed: int | None) -> Report:
     policy = plan.policy
     return Report(
@@ -307,7 +329,8 @@ def _new_report(plan: Plan, seed: int | None) -> Report:
         policy_path=policy.path,
         seed=seed,
         unmatched=[entry.name for entry in plan.unmatched],
-        skipped=[Skipped(item.entry.name, item.reason) for item in plan.skipped],
+        skipped=[Skipped(item.entry.name, item.reason) for item in plan.skipped]
+        + [Skipped(name, _LAZY_REASON) for name in plan.lazy],
         untouched_buffers=plan.untouched_buffers,
         checked=policy.checks.enabled,
     )
@@ -317,6 +340,7 @@ def _record_rows(
     report: Report,
     plan: Plan,
     zeroed: dict[int, int] | None,
+    notes: dict[int, str],
     *,
     judge_arguments: bool = False,
 ) -> None:
@@ -324,7 +348,8 @@ def _record_rows(
 
     ``zeroed`` maps each written tensor to the rows zeroed after its draw;
     ``None`` means the model was initialized elsewhere, so the rows a policy
-    would zero are assumed zeroed.
+    would zero are assumed zeroed. ``notes`` maps entries (by ``id``) to a
+    note for their rows.
     """
     checks = plan.policy.checks
     rules: dict[int, _RuleFacts] = {}
@@ -338,7 +363,11 @@ def _record_rows(
             facts = rules[item.match.rule_index] = _RuleFacts.of(item, checks)
         measured = measure(item.target)
         expected = expected_for(item, zeroed_rows)
-        report.rows.append(_row(item, measured, expected, zeroed_rows, facts))
+        row = _row(item, measured, expected, zeroed_rows, facts)
+        note = notes.get(id(item.entry))
+        if note:
+            row = replace(row, note="; ".join(filter(None, (row.note, note))))
+        report.rows.append(row)
         if checks.enabled:
             found = tensor_failures(
                 item,
@@ -494,6 +523,38 @@ def _fill(item: PlannedTensor, seed: int | None) -> int:
     return 1
 
 
+def _write_through(item: PlannedTensor) -> str:
+    """Set a parametrized tensor to its drawn value through ``right_inverse``.
+
+    ``entry.tensor`` holds the drawn value. When the module's effective
+    value then equals it (``weight_norm``), the entry takes the effective
+    value, so the checks judge what the module computes. When the
+    parametrization changes it (``spectral_norm`` divides by the largest
+    singular value), the checks judge the draw, and the returned note says
+    by how much the effective value differs.
+    """
+    entry = item.entry
+    chain = entry.parametrization
+    assert chain is not None
+    drawn = entry.tensor
+    if not item.scheme.writes:
+        return ""
+    # A copy: right_inverse may keep the tensor it is given as an original.
+    chain.right_inverse(drawn.clone())
+    effective = getattr(entry.module, entry.info.local_name).detach()
+    scale = float(drawn.abs().max()) if drawn.numel() else 0.0
+    difference = float((effective - drawn).abs().max()) if drawn.numel() else 0.0
+    if difference <= 1e-4 * scale:
+        drawn.copy_(effective)
+        return "written through its parametrization"
+    steps = ", ".join(type(step).__name__ for step in chain)
+    return (
+        f"written through its parametrization ({steps}), which changes the values: "
+        f"the effective tensor differs from the draw by up to {difference:.3g}; the "
+        "checks judge the draw"
+    )
+
+
 def _padding_index(item: PlannedTensor) -> int | None:
     """Return the embedding row the engine zeroes after a random scheme, if any.
 
@@ -536,7 +597,7 @@ def _row(
         aliases=tuple(entry.aliases),
         shape=item.shape,
         dtype=entry.info.dtype,
-        module_type=type(entry.module).__name__,
+        module_type=entry.info.module_class.__name__,
         kind=entry.info.kind,
         rule_index=item.match.rule_index,
         rule_name=facts.name,

@@ -17,6 +17,7 @@ import torch
 from pydantic import ValidationError
 from torch import nn
 from torch.nn.parameter import UninitializedBuffer, UninitializedParameter
+from torch.nn.utils import parametrize
 
 from initrules.errors import PlanError
 from initrules.expressions import ExpressionError, Scope
@@ -61,6 +62,10 @@ class TensorEntry:
         aliases: Other canonical names of the same tensor (tied weights).
         alias_infos: What the matcher would see under each alias.
         alias_modules: The module that owns the tensor under each alias.
+        parametrization: For a parametrized tensor (``weight_norm``,
+            ``spectral_norm``, ...), the module's ``ParametrizationList``;
+            ``tensor`` then holds the effective value, computed at the walk,
+            and writes go through the parametrization's ``right_inverse``.
     """
 
     info: TensorInfo
@@ -69,6 +74,7 @@ class TensorEntry:
     aliases: list[str] = field(default_factory=list)
     alias_infos: list[TensorInfo] = field(default_factory=list)
     alias_modules: list[nn.Module] = field(default_factory=list)
+    parametrization: parametrize.ParametrizationList | None = None
 
     @property
     def name(self) -> str:
@@ -192,6 +198,7 @@ class Plan:
         unmatched: Parameters that no rule matched.
         skipped: Matched tensors that will not be written (zero elements).
         untouched_buffers: Canonical names of buffers no rule targets.
+        lazy: Canonical names of lazy modules' tensors, not materialized yet.
         problems: Tensors whose scheme cannot fill them; empty unless the
             plan was made with ``raise_problems=False``.
     """
@@ -202,6 +209,7 @@ class Plan:
     skipped: list[SkippedTensor]
     untouched_buffers: list[str]
     problems: list[PlanProblem] = field(default_factory=list)
+    lazy: list[str] = field(default_factory=list)
 
 
 def is_wrapper_segment(parent: nn.Module, child_name: str) -> bool:
@@ -246,34 +254,51 @@ def walk_modules(
     return _walk_modules(model, (), ())
 
 
-def walk_tensors(model: nn.Module) -> tuple[list[TensorEntry], list[TensorEntry]]:
+def walk_tensors(
+    model: nn.Module, *, lazy: list[str] | None = None
+) -> tuple[list[TensorEntry], list[TensorEntry]]:
     """Return the model's distinct parameters and buffers, in module order.
 
     A tensor reachable under several names appears once, under its first
-    name; the other names are listed as its aliases.
+    name; the other names are listed as its aliases. A parametrized tensor
+    appears under the name the module exposes (``weight``), not under its
+    ``parametrizations.weight.original*`` storage.
+
+    Args:
+        model: The model to walk.
+        lazy: A list to add the names of lazy modules' unmaterialized
+            tensors to; without it they raise a PlanError.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     seen: dict[int, TensorEntry] = {}
-    lazy: list[str] = []
+    unmaterialized: list[str] = []
     parameters: list[TensorEntry] = []
     buffers: list[TensorEntry] = []
     for prefix, module, ancestors in _walk_modules(model, (), ()):
-        tensors: list[tuple[str, torch.Tensor | None, str]] = [
-            (name, value, "parameter") for name, value in module._parameters.items()
-        ]
+        tensors: list[tuple[str, torch.Tensor | None, str]] = []
+        if not isinstance(module, parametrize.ParametrizationList):
+            # A ParametrizationList's originals are reached through its owner.
+            tensors += [
+                (name, value, "parameter") for name, value in module._parameters.items()
+            ]
         tensors += [(name, value, "buffer") for name, value in module._buffers.items()]
+        module_class = type(module)
+        if parametrize.is_parametrized(module):
+            parameters += _parametrized_entries(module, prefix, ancestors)
+            # torch subclasses the module's class as Parametrized<Class>.
+            module_class = module_class.__mro__[1]
         for local_name, tensor, kind in tensors:
             if tensor is None:
                 continue
             name = ".".join((*prefix, local_name))
             if isinstance(tensor, (UninitializedParameter, UninitializedBuffer)):
-                lazy.append(name)
+                unmaterialized.append(name)
                 continue
             info = TensorInfo(
                 name=name,
                 local_name=local_name,
-                module_class=type(module),
+                module_class=module_class,
                 ancestor_classes=ancestors,
                 ndim=tensor.dim(),
                 dtype=str(tensor.dtype).removeprefix("torch."),
@@ -289,13 +314,38 @@ def walk_tensors(model: nn.Module) -> tuple[list[TensorEntry], list[TensorEntry]
             entry = TensorEntry(info, tensor, module)
             seen[id(tensor)] = entry
             (parameters if kind == "parameter" else buffers).append(entry)
-    if lazy:
+    if lazy is not None:
+        lazy += unmaterialized
+    elif unmaterialized:
         raise PlanError(
-            f"{len(lazy)} tensor(s) of lazy modules are not materialized yet "
-            f"(first: {lazy[0]!r}); run one forward pass with example inputs "
-            "before initializing"
+            f"{len(unmaterialized)} tensor(s) of lazy modules are not materialized "
+            f"yet (first: {unmaterialized[0]!r}); run one forward pass with example "
+            "inputs before initializing"
         )
     return parameters, buffers
+
+
+def _parametrized_entries(
+    module: nn.Module, prefix: tuple[str, ...], ancestors: tuple[type, ...]
+) -> list[TensorEntry]:
+    """Return one entry per parametrized tensor of ``module``, by its exposed name."""
+    entries = []
+    parametrizations = module.parametrizations
+    assert isinstance(parametrizations, nn.ModuleDict)
+    for local_name, chain in parametrizations.items():
+        assert isinstance(chain, parametrize.ParametrizationList)
+        with torch.no_grad():
+            value = getattr(module, local_name).detach().clone()
+        info = TensorInfo(
+            name=".".join((*prefix, local_name)),
+            local_name=local_name,
+            module_class=type(module).__mro__[1],
+            ancestor_classes=ancestors,
+            ndim=value.dim(),
+            dtype=str(value.dtype).removeprefix("torch."),
+        )
+        entries.append(TensorEntry(info, value, module, parametrization=chain))
+    return entries
 
 
 def make_plan(
@@ -325,7 +375,15 @@ def make_plan(
             apply to a tensor its rule won (all such tensors are listed).
         PolicyError: A rule's regex timed out.
     """
-    parameters, buffers = walk_tensors(model)
+    lazy: list[str] = []
+    parameters, buffers = walk_tensors(model, lazy=lazy)
+    if lazy:
+        logger.warning(
+            "%d tensor(s) of lazy modules are not materialized and are skipped "
+            "(first: %r); run one forward pass with example inputs to initialize them",
+            len(lazy),
+            lazy[0],
+        )
     if not allow_meta:
         _reject_meta(parameters + buffers)
     matcher = Matcher(policy)
@@ -376,7 +434,7 @@ def make_plan(
 
     if problems and raise_problems:
         _raise_problems([problem.message for problem in problems])
-    return Plan(policy, planned, unmatched, skipped, untouched, problems)
+    return Plan(policy, planned, unmatched, skipped, untouched, problems, lazy)
 
 
 def _plan_one(
@@ -678,6 +736,9 @@ def _check(
     if reason is None:
         reason = scheme.check(shape, tensor.dtype, args)
         hint = "change the rule's arguments, or use another scheme for this tensor"
+    if reason is None and entry.parametrization is not None:
+        reason = _parametrization_problem(entry.parametrization, scheme)
+        hint = "choose another scheme, or remove the parametrization before init"
     needs_reset = scheme.needs_module_reset
     if reason is None and needs_reset and not _has_reset(entry.module):
         reason = (
@@ -688,6 +749,26 @@ def _check(
     if reason is None:
         return None
     return _problem(entry, result, reason, hint, chunk)
+
+
+def _parametrization_problem(
+    chain: parametrize.ParametrizationList, scheme: Scheme
+) -> str | None:
+    """Return why a scheme cannot write through a parametrization, or ``None``."""
+    if scheme.needs_module_reset or scheme.needs_data:
+        return (
+            f"{scheme.name} writes the module's tensor in place, and a parametrized "
+            "tensor is computed anew on every access, so the write would be lost"
+        )
+    if not scheme.writes:
+        return None
+    for step in chain:
+        if not hasattr(step, "right_inverse"):
+            return (
+                f"the parametrization {type(step).__name__} has no right_inverse, so "
+                "no value can be written through it"
+            )
+    return None
 
 
 def _has_reset(module: nn.Module) -> bool:
