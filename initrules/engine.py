@@ -507,7 +507,7 @@ def _fill(item: PlannedTensor, seed: int | None) -> int:
             generator = torch.Generator(device=target.device)
             generator.manual_seed(tensor_seed)
         context = FillContext(
-            entry.module, entry.info.local_name, generator, tensor_seed
+            entry.module, entry.info.local_name, generator, tensor_seed, item.source
         )
         if target.is_contiguous():
             item.scheme.fill(target, args, context)
@@ -603,7 +603,11 @@ def _row(
         rule_name=facts.name,
         rule_location=facts.location,
         scheme=item.scheme.name,
-        args=dict(facts.args) if facts.args is not None else item.args.model_dump(),
+        # The planner may resolve arguments per tensor (fans: module, a
+        # checkpoint key); otherwise every row of a rule shares its arguments.
+        args=dict(facts.args)
+        if facts.args is not None and item.args is item.match.rule.init.args
+        else item.args.model_dump(),
         captures=dict(item.match.captures),
         mean=measured.mean if measured else None,
         std=measured.std if measured else None,

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from pydantic import ValidationError
@@ -23,6 +24,7 @@ from initrules.errors import PlanError
 from initrules.expressions import ExpressionError, Scope
 from initrules.fans import true_fans
 from initrules.matcher import Matcher, MatchResult, TensorInfo
+from initrules.pretrained import Checkpoints, PretrainedArgs
 from initrules.schema import Policy
 from initrules.schemes import FanArgs, Scheme, SchemeArgs, compute_fans, get_scheme
 
@@ -125,6 +127,7 @@ class PlannedTensor:
             expressions evaluated (the rule's own arguments when it has none).
         chunk: The block this item fills when a rule split the tensor, else
             ``None`` for the whole tensor.
+        source: Reads the values a ``pretrained`` rule copies, else ``None``.
     """
 
     entry: TensorEntry
@@ -132,6 +135,7 @@ class PlannedTensor:
     scheme: Scheme
     args: SchemeArgs
     chunk: Chunk | None = None
+    source: Callable[[], torch.Tensor] | None = None
 
     @property
     def target(self) -> torch.Tensor:
@@ -388,6 +392,7 @@ def make_plan(
         _reject_meta(parameters + buffers)
     matcher = Matcher(policy)
     resolver = ArgumentResolver(model, policy, variables)
+    checkpoints = Checkpoints()
 
     planned: list[PlannedTensor] = []
     unmatched: list[TensorEntry] = []
@@ -413,10 +418,14 @@ def make_plan(
         if isinstance(blocks, PlanProblem):
             problems.append(blocks)
             continue
-        items = [_plan_one(entry, block, chunk, resolver) for chunk, block in blocks]
+        items = [
+            _plan_one(entry, block, chunk, resolver, checkpoints)
+            for chunk, block in blocks
+        ]
         found = [item for item in items if isinstance(item, PlanProblem)]
         if found:
-            problems += found
+            # A reason that holds for every block is reported once.
+            problems += {problem.detail: problem for problem in found}.values()
             continue
         ready = [item for item in items if isinstance(item, PlannedTensor)]
         if entry.tensor.numel() == 0 and any(item.scheme.writes for item in ready):
@@ -442,6 +451,7 @@ def _plan_one(
     result: MatchResult,
     chunk: Chunk | None,
     resolver: ArgumentResolver,
+    checkpoints: Checkpoints,
 ) -> PlannedTensor | PlanProblem:
     """Resolve the arguments of one tensor or block and check its scheme."""
     scheme = get_scheme(result.rule.init.scheme)
@@ -452,7 +462,7 @@ def _plan_one(
             return _problem(
                 entry,
                 result,
-                f"{scheme.name} initializes whole tensors and cannot fill {chunk}",
+                f"{scheme.name} initializes whole tensors and cannot fill chunks",
                 "use another scheme for the blocks, or do not split this tensor",
             )
     args = resolver.resolve(entry, result, scheme, shape)
@@ -466,15 +476,39 @@ def _plan_one(
                 result,
                 f"fans: module needs the weight of a module whose layout initrules "
                 f"knows (Linear, convolutions, transformers' Conv1D, "
-                f"MultiheadAttention, RNN/LSTM/GRU), and this tensor belongs to "
-                f"{type(entry.module).__name__}",
+                f"MultiheadAttention, RNN/LSTM/GRU), and "
+                f"{entry.info.local_name!r} of {entry.info.module_class.__name__} "
+                "is not one",
                 "use fans: torch, or give fan_in and fan_out explicitly",
             )
         args = args.model_copy(update={"fan_in": fans[0], "fan_out": fans[1]})
     problem = _check(entry, result, scheme, args, shape, chunk)
     if problem is not None:
         return problem
-    return PlannedTensor(entry, result, scheme, args, chunk)
+    source = None
+    if isinstance(args, PretrainedArgs):
+        if chunk is not None:
+            return _problem(
+                entry,
+                result,
+                "pretrained copies whole tensors and cannot fill chunks",
+                "do not split this tensor",
+            )
+        location = result.rule.location
+        base = (
+            Path(location.path).parent
+            if location is not None and location.path != "<text>"
+            else Path.cwd()
+        )
+        try:
+            key, source = checkpoints.source(entry.name, shape, args, base)
+        except ValueError as error:
+            return _problem(
+                entry, result, str(error), "fix the rule's path, prefix or key"
+            )
+        if key != args.key:
+            args = args.model_copy(update={"key": key})
+    return PlannedTensor(entry, result, scheme, args, chunk, source)
 
 
 def _blocks(

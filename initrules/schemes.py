@@ -86,12 +86,15 @@ class FillContext:
         local_name: The tensor's attribute name on ``module`` (``weight``).
         generator: The generator to draw from, or ``None`` for torch's global one.
         seed: The tensor's derived seed when the run is seeded, else ``None``.
+        source: Reads the values to copy, for schemes that copy them from
+            elsewhere (``pretrained``); ``None`` for the others.
     """
 
     module: nn.Module
     local_name: str
     generator: torch.Generator | None
     seed: int | None
+    source: Callable[[], torch.Tensor] | None = None
 
 
 FillFn = Callable[[torch.Tensor, SchemeArgs, FillContext], None]

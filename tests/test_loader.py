@@ -94,16 +94,16 @@ BAD_TEXT = [
         "rules:\n  - match: {param: weight}\n    init: {scheme: kaiming}\n",
         "3:20: 'init.scheme' of rule 1: unknown scheme 'kaiming'; valid schemes: "
         "constant, default, dirac, eye, kaiming_normal, kaiming_uniform, keep, "
-        "lecun_normal, lsuv, normal, ones, orthogonal, sparse, trunc_normal, uniform, "
-        "variance_scaling, xavier_normal, xavier_uniform, zeros",
+        "lecun_normal, lsuv, normal, ones, orthogonal, pretrained, sparse, "
+        "trunc_normal, uniform, variance_scaling, xavier_normal, xavier_uniform, zeros",
     ),
     (
         "unknown-bare-scheme",
         "rules:\n  - match: {param: weight}\n    init: zero\n",
         "3:11: 'init.scheme' of rule 1: unknown scheme 'zero'; valid schemes: "
         "constant, default, dirac, eye, kaiming_normal, kaiming_uniform, keep, "
-        "lecun_normal, lsuv, normal, ones, orthogonal, sparse, trunc_normal, uniform, "
-        "variance_scaling, xavier_normal, xavier_uniform, zeros",
+        "lecun_normal, lsuv, normal, ones, orthogonal, pretrained, sparse, "
+        "trunc_normal, uniform, variance_scaling, xavier_normal, xavier_uniform, zeros",
     ),
     (
         "argument-not-taken",
