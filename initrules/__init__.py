@@ -15,6 +15,8 @@ Example:
     []
 """
 
+import logging
+
 from initrules.builder import build
 from initrules.engine import apply, check, derive_seed
 from initrules.errors import (
@@ -50,6 +52,7 @@ from initrules.schemes import (
     register_scheme,
     scheme_names,
 )
+from initrules.sharded import rank
 
 __all__ = [
     "ApplyError",
@@ -96,3 +99,13 @@ __all__ = [
 ]
 
 __version__ = "0.1.0"
+
+
+def _logs_on_this_rank(record: logging.LogRecord) -> bool:
+    """Keep initrules' log records on rank 0 only, in a distributed run."""
+    return rank() == 0
+
+
+for _name in list(logging.root.manager.loggerDict):
+    if _name == "initrules" or _name.startswith("initrules."):
+        logging.getLogger(_name).addFilter(_logs_on_this_rank)

@@ -127,6 +127,26 @@ def _materialize(
             module._buffers[name] = converted
 
 
+def _materialize_sharded(model: nn.Module, device: torch.device) -> None:
+    """Allocate a parallelized model with ``to_empty`` and restore its buffers.
+
+    ``to_empty`` is what FSDP2 and DTensor layouts expect (FSDP2 keeps its
+    own references to the sharded parameters up to date in it), but it
+    leaves buffers uninitialized too; they get back the values the factory
+    computed, which stayed real while the parameters were on meta.
+    """
+    saved = {
+        name: buffer.detach().clone()
+        for name, buffer in model.named_buffers(remove_duplicate=False)
+        if not buffer.is_meta
+    }
+    model.to_empty(device=device)
+    restored = dict(model.named_buffers(remove_duplicate=False))
+    with torch.no_grad():
+        for name, value in saved.items():
+            restored[name].copy_(value)
+
+
 def build(
     factory: Callable[[], nn.Module],
     policy: PolicySource,
@@ -134,6 +154,7 @@ def build(
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
     seed: int | None = None,
+    parallelize: Callable[[nn.Module], object] | None = None,
     **apply_options: Any,
 ) -> tuple[nn.Module, Report]:
     """Construct a model without default init, then initialize it by ``policy``.
@@ -152,6 +173,12 @@ def build(
         dtype: Floating-point dtype of parameters and buffers, as
             ``model.to(dtype)`` would give; ``None`` keeps the factory's.
         seed: Seed of the per-tensor generators, as for :func:`apply`.
+        parallelize: Called with the model while its parameters are still on
+            the meta device, to shard it (``fully_shard`` per block, or
+            DTensor placements); the model is then materialized with
+            ``to_empty``, its buffers get back the values the factory
+            computed, and each rank writes its shards (see
+            :mod:`initrules.sharded`). A seed is then required.
         **apply_options: Passed to :func:`apply` (``probe_inputs``, ``data``,
             ``vars``).
 
@@ -180,8 +207,15 @@ def build(
         raise TypeError(
             f"factory must return a torch.nn.Module, got {type(model).__name__}"
         )
-    _check_plan(model, resolved, apply_options.get("vars"))
-    _materialize(model, torch.device(device), dtype)
+    if parallelize is not None:
+        if dtype is not None:
+            model.to(dtype)
+        parallelize(model)
+        _check_plan(model, resolved, apply_options.get("vars"))
+        _materialize_sharded(model, torch.device(device))
+    else:
+        _check_plan(model, resolved, apply_options.get("vars"))
+        _materialize(model, torch.device(device), dtype)
     strict = resolved.model_copy(update={"on_unmatched": "error"})
     report = apply(model, strict, seed=seed, **apply_options)
     logger.info("built %s on %s and initialized it once", type(model).__name__, device)

@@ -36,6 +36,7 @@ __all__ = [
     "expected_for",
     "measure",
     "plan_failures",
+    "reads_values",
     "switches_for",
     "tensor_failures",
     "tie_failures",
@@ -621,6 +622,30 @@ def _bounds_failures(
             allowed=(0.0, limit),
         )
     ]
+
+
+def reads_values(
+    item: PlannedTensor, measured: Measured | None, expected: ExpectedStats | None
+) -> bool:
+    """Return True if :func:`tensor_failures` reads the tensor's values.
+
+    Most checks need only the statistics; a sharded tensor is gathered
+    whole on every rank only for those that do not.
+    """
+    if item.scheme.name in ("orthogonal", "sparse", "eye", "dirac"):
+        return True
+    if measured is None or not measured.finite:
+        return True
+    if expected is None:
+        return False
+    dtype = item.entry.tensor.dtype
+    if expected.std == 0:
+        target = _round_to(expected.mean, dtype)
+        return not measured.min == measured.max == target
+    if expected.support is not None:
+        low, high = (_round_to(bound, dtype) for bound in expected.support)
+        return not low < measured.min <= measured.max < high
+    return False
 
 
 def tensor_failures(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -18,6 +18,7 @@ from initrules.checks import (
     expected_for,
     measure,
     plan_failures,
+    reads_values,
     switches_for,
     tensor_failures,
     tie_failures,
@@ -25,6 +26,7 @@ from initrules.checks import (
 from initrules.errors import (
     ApplyError,
     CheckError,
+    InitRulesError,
     InitRulesWarning,
     PlanError,
     UnmatchedTensorsError,
@@ -43,6 +45,15 @@ from initrules.probing import probe
 from initrules.report import CheckFailure, Report, Row, Skipped
 from initrules.schema import Checks, Policy
 from initrules.schemes import FillContext
+from initrules.sharded import (
+    agree_on_plan,
+    fill_sharded,
+    global_view,
+    is_sharded,
+    measure_sharded,
+    on_tensor,
+    rank,
+)
 from initrules.stream import CHUNK_ELEMENTS, derive_seed, fill_chunked
 
 __all__ = ["PolicySource", "apply", "check", "derive_seed", "resolve_policy"]
@@ -137,10 +148,19 @@ def apply(
     _check_seed(seed)
     resolved = resolve_policy(policy)
     missing = _missing_names(skip_loaded) if skip_loaded is not None else None
-    plan = make_plan(model, resolved, variables=vars)
-    if only is not None or missing is not None:
-        plan = _restrict(plan, only, missing)
-    _require_data(plan, data)
+    sharded = _sharded_model(model)
+
+    def plan_and_vet() -> Plan:
+        plan = make_plan(model, resolved, variables=vars)
+        if only is not None or missing is not None:
+            plan = _restrict(plan, only, missing)
+        _require_data(plan, data)
+        if sharded:
+            _vet_sharded(plan, seed)
+        return plan
+
+    plan = _agreed(plan_and_vet) if sharded else plan_and_vet()
+    # Every rank has the same plan now, so all raise or warn alike.
     _handle_unmatched(plan)
     report = _new_report(plan, seed)
     report.failures += plan_failures(plan)
@@ -150,9 +170,13 @@ def apply(
     zeroed: dict[int, int] = {}
     notes: dict[int, str] = {}
     with torch.no_grad():
-        for written, item in enumerate(plan.planned):
+        for written, group in enumerate(_by_tensor(plan.planned, sharded)):
+            item = group[0]
             try:
-                zeroed[id(item.entry.tensor)] = _fill(item, seed)
+                if sharded and is_sharded(item.entry.tensor):
+                    zeroed[id(item.entry.tensor)] = fill_sharded(group, seed, _fill)
+                else:
+                    zeroed[id(item.entry.tensor)] = _fill(item, seed)
             except Exception as error:
                 raise _write_error(item, written, error) from error
         for item in plan.planned:
@@ -219,7 +243,11 @@ def check(
         PlanError: A scheme cannot apply to a tensor, or the model is on meta.
     """
     resolved = resolve_policy(policy)
-    plan = make_plan(model, resolved, variables=vars)
+
+    def plan_only() -> Plan:
+        return make_plan(model, resolved, variables=vars)
+
+    plan = _agreed(plan_only) if _sharded_model(model) else plan_only()
     report = _new_report(plan, None)
     report.failures += plan_failures(plan)
     _record_rows(report, plan, None, {}, judge_arguments=True)
@@ -227,6 +255,97 @@ def check(
     if probe_inputs is not None:
         _run_probe(report, model, probe_inputs, resolved.checks)
     return report
+
+
+def _sharded_model(model: nn.Module) -> bool:
+    """Return True if any parameter of ``model`` is a DTensor."""
+    # A non-module is rejected by the planner, with its own message.
+    return isinstance(model, nn.Module) and any(
+        is_sharded(param) for param in model.parameters()
+    )
+
+
+def _sharded_model_of(plan: Plan) -> bool:
+    return any(is_sharded(item.entry.tensor) for item in plan.planned)
+
+
+def _agreed(make: Callable[[], Plan]) -> Plan:
+    """Plan on every rank and check that the ranks agree, before any writing.
+
+    An error on one rank is shared with the others, so every rank raises
+    instead of some waiting forever for a collective.
+    """
+    try:
+        plan, error = make(), None
+    except InitRulesError as caught:
+        plan, error = None, caught
+    agree_on_plan(plan, error)
+    if error is not None:
+        raise error
+    assert plan is not None
+    return plan
+
+
+def _vet_sharded(plan: Plan, seed: int | None) -> None:
+    """Reject what cannot give the same values on every rank of a sharded model."""
+    for item in plan.planned:
+        if not is_sharded(item.entry.tensor):
+            continue
+        rule = item.match.rule.label(item.match.rule_index)
+        if item.scheme.needs_module_reset or item.scheme.needs_data:
+            raise PlanError(
+                f"{rule} uses {item.scheme.name} on the sharded tensor "
+                f"{item.entry.name!r}, which runs the module's own code on its "
+                "shard; use a scheme that draws values"
+            )
+        if item.scheme.random and seed is None:
+            raise PlanError(
+                f"{rule} draws {item.entry.name!r} at random, and the tensor is "
+                "sharded: without a seed each rank would draw from its own "
+                "generator; pass apply(..., seed=N)"
+            )
+
+
+def _by_tensor(
+    items: list[PlannedTensor], sharded: bool
+) -> Iterator[list[PlannedTensor]]:
+    """Yield the plan's items one by one, or, for a sharded model, per tensor."""
+    if not sharded:
+        for item in items:
+            yield [item]
+        return
+    group: list[PlannedTensor] = []
+    for item in items:
+        if group and item.entry is not group[0].entry:
+            yield group
+            group = []
+        group.append(item)
+    if group:
+        yield group
+
+
+def _measure_shards(
+    item: PlannedTensor,
+    expected: ExpectedStats | None,
+    whole: dict[int, torch.Tensor],
+) -> tuple[Measured | None, PlannedTensor]:
+    """Return a sharded item's global statistics and the item the checks judge.
+
+    The checks judge the whole tensor, gathered on every rank, only when they
+    read its values (see :func:`initrules.checks.reads_values`); otherwise a
+    meta tensor of the global shape stands in for it.
+    """
+    tensor = item.entry.tensor
+    if item.chunk is None:
+        measured = measure_sharded(tensor)
+        if not reads_values(item, measured, expected):
+            stand_in = torch.empty(tensor.shape, dtype=tensor.dtype, device="meta")
+            return measured, on_tensor(item, stand_in)
+    full = whole.get(id(tensor))
+    if full is None:
+        full = whole[id(tensor)] = global_view(tensor)
+    judged = on_tensor(item, full)
+    return measure(judged.target), judged
 
 
 def _missing_names(skip_loaded: Any) -> set[str]:
@@ -353,6 +472,8 @@ def _record_rows(
     """
     checks = plan.policy.checks
     rules: dict[int, _RuleFacts] = {}
+    whole: dict[int, torch.Tensor] = {}
+    sharded = plan.planned and _sharded_model_of(plan)
     for item in plan.planned:
         if zeroed is None:
             zeroed_rows = 0 if _padding_index(item) is None else 1
@@ -361,8 +482,12 @@ def _record_rows(
         facts = rules.get(item.match.rule_index)
         if facts is None:
             facts = rules[item.match.rule_index] = _RuleFacts.of(item, checks)
-        measured = measure(item.target)
         expected = expected_for(item, zeroed_rows)
+        judged = item
+        if sharded and is_sharded(item.entry.tensor):
+            measured, judged = _measure_shards(item, expected, whole)
+        else:
+            measured = measure(item.target)
         row = _row(item, measured, expected, zeroed_rows, facts)
         note = notes.get(id(item.entry))
         if note:
@@ -370,7 +495,7 @@ def _record_rows(
         report.rows.append(row)
         if checks.enabled:
             found = tensor_failures(
-                item,
+                judged,
                 measured,
                 expected,
                 checks,
@@ -444,11 +569,16 @@ def _run_probe(report: Report, model: nn.Module, inputs: Any, checks: Checks) ->
 
 
 def _settle(report: Report, on_failure: str) -> None:
-    """Raise or warn about the report's failures, as the policy's on_failure sets."""
+    """Raise or warn about the report's failures, as the policy's on_failure sets.
+
+    In a distributed run every rank raises, and only rank 0 warns.
+    """
     if not report.failures:
         return
     if on_failure == "raise":
         raise CheckError(report)
+    if rank() != 0:
+        return
     shown = "; ".join(failure.message for failure in report.failures[:5])
     more = len(report.failures) - 5
     warnings.warn(
@@ -478,7 +608,7 @@ def _handle_unmatched(plan: Plan) -> None:
     mode = plan.policy.on_unmatched
     if mode == "error":
         raise UnmatchedTensorsError(names, plan.policy.path)
-    if mode == "warn":
+    if mode == "warn" and rank() == 0:
         warnings.warn(
             f"{len(names)} parameter(s) matched no rule of {plan.policy.path} and "
             f"keep their current values: {', '.join(names[:10])}"

@@ -128,6 +128,8 @@ class Scheme:
             a shape, for schemes whose elements are independent draws; the
             seeded stream then draws large tensors in chunks, in parallel
             (see :mod:`initrules.stream`).
+        constant: True if the scheme sets every element to one value that
+            does not depend on the shape, so a shard can be filled alone.
     """
 
     name: str
@@ -142,6 +144,7 @@ class Scheme:
     max_abs: MaxAbs | None = None
     needs_data: bool = False
     draw: DrawFn | None = None
+    constant: bool = False
 
     def check(
         self, shape: tuple[int, ...], dtype: torch.dtype, args: SchemeArgs | None = None
@@ -822,9 +825,10 @@ def _register_builtins() -> None:
             _fill_constant,
             random=False,
             check_args=_check_constant,
+            constant=True,
         ),
-        Scheme("ones", NoArgs, _fill_ones, random=False),
-        Scheme("zeros", NoArgs, _fill_zeros, random=False),
+        Scheme("ones", NoArgs, _fill_ones, random=False, constant=True),
+        Scheme("zeros", NoArgs, _fill_zeros, random=False, constant=True),
         Scheme("eye", NoArgs, _fill_eye, random=False, min_ndim=2, max_ndim=2),
         Scheme(
             "dirac",

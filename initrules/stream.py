@@ -30,7 +30,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-__all__ = ["CHUNK_ELEMENTS", "Draw", "derive_seed", "fill_chunked"]
+__all__ = ["CHUNK_ELEMENTS", "Draw", "derive_seed", "draw_chunks", "fill_chunked"]
 
 CHUNK_ELEMENTS = 1 << 20
 """Elements per chunk of the seeded stream; part of its format, never tuned."""
@@ -95,14 +95,29 @@ def fill_chunked(tensor: torch.Tensor, draw: Draw, seed: int, name: str) -> None
     )
     # Grad mode is per thread, so the workers write through a detached view.
     flat = target.detach().view(-1)
-    count = math.ceil(flat.numel() / CHUNK_ELEMENTS)
-    narrow = tensor.dtype.itemsize < 4
+    draw_chunks(flat, 0, draw, seed, name)
+    if target is not tensor:
+        tensor.copy_(target)
+
+
+def draw_chunks(
+    out: torch.Tensor, first: int, draw: Draw, seed: int, name: str
+) -> None:
+    """Draw consecutive chunks of ``name``'s stream into the 1-D tensor ``out``.
+
+    ``out`` holds the tensor's elements from ``first * CHUNK_ELEMENTS`` on,
+    in row-major order; it may end inside a chunk only where the tensor
+    does. A rank that holds one shard of a tensor draws just the chunks
+    that cover its elements this way.
+    """
+    count = math.ceil(out.numel() / CHUNK_ELEMENTS)
+    narrow = out.dtype.itemsize < 4
 
     @torch.no_grad()
     def fill_one(index: int) -> None:
-        piece = flat[index * CHUNK_ELEMENTS : (index + 1) * CHUNK_ELEMENTS]
-        generator = torch.Generator(device=tensor.device)
-        generator.manual_seed(derive_seed(seed, name, index))
+        piece = out[index * CHUNK_ELEMENTS : (index + 1) * CHUNK_ELEMENTS]
+        generator = torch.Generator(device=out.device)
+        generator.manual_seed(derive_seed(seed, name, first + index))
         if narrow:
             scratch = torch.empty(piece.shape, dtype=torch.float32, device=piece.device)
             draw.sample_(scratch, generator)
@@ -110,7 +125,7 @@ def fill_chunked(tensor: torch.Tensor, draw: Draw, seed: int, name: str) -> None
         else:
             draw.sample_(piece, generator)
 
-    workers = min(torch.get_num_threads(), count) if tensor.device.type == "cpu" else 1
+    workers = min(torch.get_num_threads(), count) if out.device.type == "cpu" else 1
     if workers <= 1:
         for index in range(count):
             fill_one(index)
@@ -118,5 +133,3 @@ def fill_chunked(tensor: torch.Tensor, draw: Draw, seed: int, name: str) -> None
         with ThreadPoolExecutor(max_workers=workers) as pool:
             # list() re-raises the first exception a chunk raised.
             list(pool.map(fill_one, range(count)))
-    if target is not tensor:
-        tensor.copy_(target)

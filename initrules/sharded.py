@@ -1,0 +1,281 @@
+"""Initialization of DTensor parameters (FSDP2 and other layouts), shard by shard.
+
+A model sharded with ``torch.distributed.fsdp.fully_shard`` or with DTensor
+placements holds each parameter as a DTensor: every rank stores one box of
+the global tensor. initrules writes each rank's box with exactly the values
+a single-process ``apply`` with the same seed gives that box, so the weights
+depend on the policy, the seed and the tensor's name alone, never on the
+number of ranks or the layout:
+
+* An elementwise random draw (normal, uniform, truncated normal and the
+  fan-scaled schemes built on them) of more than ``CHUNK_ELEMENTS`` values
+  draws only the chunks of the tensor's seeded stream (see
+  :mod:`initrules.stream`) that cover the rank's elements, in the tensor's
+  global row-major order. Under ``Shard(0)`` that is about the rank's share
+  of the tensor; under ``Shard(1)`` a rank's rows are spread over the whole
+  tensor, so it draws most of it.
+* Schemes that fill every element with one value write the shard directly.
+* Every other case (orthogonal, sparse, eye, dirac, small tensors, tensors
+  split into chunks by a rule, pretrained) builds the whole tensor on every
+  rank and keeps the box: a full tensor's memory per rank, one tensor at a
+  time. No torch init function runs on a DTensor itself, since some (eye)
+  corrupt the shard silently.
+
+Statistics in the report are those of the global tensor, reduced across
+ranks; a replicated shard counts once. Collectives use the default process
+group, which must hold every rank of the parameters' meshes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+from initrules.checks import Measured
+from initrules.errors import PlanError
+from initrules.planner import Plan, PlannedTensor
+from initrules.stream import CHUNK_ELEMENTS, Draw, draw_chunks
+
+__all__ = [
+    "Shard",
+    "agree_on_plan",
+    "fill_sharded",
+    "global_view",
+    "is_sharded",
+    "measure_sharded",
+    "on_tensor",
+    "rank",
+]
+
+logger = logging.getLogger(__name__)
+
+
+def is_sharded(tensor: torch.Tensor) -> bool:
+    """Return True for a DTensor (a parameter sharded or replicated over a mesh)."""
+    return isinstance(tensor, DTensor)
+
+
+def rank() -> int:
+    """Return this process's rank, or 0 without a process group."""
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+@dataclass(frozen=True)
+class Shard:
+    """This rank's box of a DTensor.
+
+    Attributes:
+        local: The rank's values, a plain tensor that writes go into.
+        offset: Global index of the box's first element, per dimension.
+        owner: True if the box counts in global statistics: a box
+            replicated over a mesh dimension counts on coordinate 0 only.
+    """
+
+    local: torch.Tensor
+    offset: tuple[int, ...]
+    owner: bool
+
+    @classmethod
+    def of(cls, tensor: DTensor) -> Shard:
+        """Return the box this rank holds of ``tensor``."""
+        mesh = tensor.device_mesh
+        shape, offset = compute_local_shape_and_global_offset(
+            tensor.shape, mesh, tensor.placements
+        )
+        local = tensor.to_local()
+        if tuple(local.shape) != tuple(shape):
+            raise PlanError(
+                f"a DTensor's local shard has shape {tuple(local.shape)}, but its "
+                f"placements {tensor.placements} give {tuple(shape)}; initrules "
+                "supports Shard(d) and Replicate() placements"
+            )
+        coordinate = tuple(mesh.get_coordinate() or ())
+        owner = all(
+            index == 0
+            for index, placement in zip(coordinate, tensor.placements, strict=True)
+            if not placement.is_shard()
+        )
+        return cls(local, tuple(offset), owner)
+
+    def window(self, full: torch.Tensor) -> torch.Tensor:
+        """Return the box as a view of a tensor of the global shape."""
+        view = full
+        for dim, (start, size) in enumerate(
+            zip(self.offset, self.local.shape, strict=True)
+        ):
+            view = view.narrow(dim, start, size)
+        return view
+
+
+FillFn = Callable[[PlannedTensor, int | None], int]
+
+
+def fill_sharded(items: list[PlannedTensor], seed: int | None, fill: FillFn) -> int:
+    """Write this rank's box of one DTensor; return the rows zeroed after a draw.
+
+    ``items`` are the plan's items of one tensor (one, or one per block), and
+    ``fill`` writes one item into a plain tensor as a single process would.
+    """
+    first = items[0]
+    tensor = first.entry.tensor
+    assert isinstance(tensor, DTensor)
+    shard = Shard.of(tensor)
+    if shard.local.numel() == 0:
+        return 0
+    draw = first.scheme.draw
+    whole = len(items) == 1 and first.chunk is None
+    if (
+        whole
+        and seed is not None
+        and draw is not None
+        and tensor.numel() > (CHUNK_ELEMENTS)
+    ):
+        _draw_box(
+            shard, tuple(tensor.shape), draw(first.shape, first.args), seed, first
+        )
+        return 0
+    if whole and first.scheme.constant:
+        return fill(on_tensor(first, shard.local), seed)
+    full = torch.empty(tensor.shape, dtype=tensor.dtype, device=shard.local.device)
+    zeroed = 0
+    for item in items:
+        zeroed = max(zeroed, fill(on_tensor(item, full), seed))
+    shard.local.copy_(shard.window(full))
+    return zeroed
+
+
+def on_tensor(item: PlannedTensor, tensor: torch.Tensor) -> PlannedTensor:
+    """Return ``item`` writing into ``tensor`` instead of its own tensor."""
+    return replace(item, entry=replace(item.entry, tensor=tensor))
+
+
+def _draw_box(
+    shard: Shard,
+    shape: tuple[int, ...],
+    draw: Draw,
+    seed: int,
+    item: PlannedTensor,
+) -> None:
+    """Draw the stream chunks that cover the box, then copy the box out of them."""
+    strides = [math.prod(shape[dim + 1 :]) for dim in range(len(shape))]
+    start = sum(o * s for o, s in zip(shard.offset, strides, strict=True))
+    last = start + sum(
+        (size - 1) * s for size, s in zip(shard.local.shape, strides, strict=True)
+    )
+    first_chunk = start // CHUNK_ELEMENTS
+    begin = first_chunk * CHUNK_ELEMENTS
+    end = min((last // CHUNK_ELEMENTS + 1) * CHUNK_ELEMENTS, math.prod(shape))
+    dtype = shard.local.dtype
+    buffer = torch.empty(end - begin, dtype=dtype, device=shard.local.device)
+    draw_chunks(buffer, first_chunk, draw, seed, item.label)
+    box = buffer.as_strided(tuple(shard.local.shape), strides, start - begin)
+    shard.local.copy_(box)
+
+
+def measure_sharded(tensor: torch.Tensor) -> Measured | None:
+    """Return the global mean, std, min and max of a DTensor, reduced across ranks.
+
+    Two passes: the global mean first, then the sum of squared deviations
+    from it, so the std keeps its digits whatever the mean.
+    """
+    assert isinstance(tensor, DTensor)
+    if tensor.numel() == 0 or tensor.dtype == torch.bool or tensor.is_complex():
+        return None
+    shard = Shard.of(tensor)
+    values = shard.local.detach().reshape(-1).double()
+    if not shard.owner:
+        values = values[:0]
+    sums = torch.tensor(
+        [float(values.numel()), float(values.sum())], dtype=torch.float64
+    )
+    extremes = torch.tensor(
+        [
+            float(values.max()) if values.numel() else -math.inf,
+            -float(values.min()) if values.numel() else -math.inf,
+        ],
+        dtype=torch.float64,
+    )
+    dist.all_reduce(sums)
+    dist.all_reduce(extremes, op=dist.ReduceOp.MAX)
+    count, total = float(sums[0]), float(sums[1])
+    mean = total / count
+    deviations = torch.tensor(
+        [float((values - mean).square().sum()) if math.isfinite(mean) else 0.0],
+        dtype=torch.float64,
+    )
+    dist.all_reduce(deviations)
+    high, low = float(extremes[0]), -float(extremes[1])
+    if count < 2:
+        return Measured(mean, 0.0, low, high)
+    std = (
+        math.sqrt(float(deviations[0]) / (count - 1))
+        if math.isfinite(mean)
+        else (math.nan)
+    )
+    return Measured(mean, std, low, high)
+
+
+def global_view(tensor: torch.Tensor) -> torch.Tensor:
+    """Return the whole tensor on every rank (a collective)."""
+    assert isinstance(tensor, DTensor)
+    return tensor.full_tensor()
+
+
+def agree_on_plan(plan: Plan | None, error: Exception | None) -> None:
+    """Check that every rank made the same plan; raise on every rank if not.
+
+    A rank that failed to plan takes part with its error, so that no rank
+    waits forever in a later collective for one that raised.
+
+    Raises:
+        PlanError: The ranks' plans (or errors) differ.
+    """
+    text = _plan_text(plan) if plan is not None else f"error: {error}"
+    digest = hashlib.blake2b(text.encode(), digest_size=8).digest()
+    value = int.from_bytes(digest, "little") & ((1 << 62) - 1)
+    world = dist.get_world_size()
+    table = torch.zeros(world, dtype=torch.int64)
+    table[dist.get_rank()] = value
+    dist.all_reduce(table)
+    groups: dict[int, list[int]] = {}
+    for index, found in enumerate(table.tolist()):
+        groups.setdefault(found, []).append(index)
+    if len(groups) > 1:
+        shown = "; ".join(
+            f"ranks {', '.join(map(str, ranks))}" for ranks in groups.values()
+        )
+        raise PlanError(
+            f"the ranks made {len(groups)} different plans ({shown} agree with each "
+            "other); every rank must plan the same tensors with the same rules and "
+            "arguments, so check for vars, config values or module attributes that "
+            "differ between ranks"
+            + (f" (this rank: {error})" if error is not None else "")
+        )
+
+
+def _plan_text(plan: Plan) -> str:
+    """Return a text that differs whenever two plans would write differently."""
+    parts = [
+        json.dumps(
+            [
+                item.label,
+                item.match.rule_index,
+                item.scheme.name,
+                item.args.model_dump(mode="json"),
+            ],
+            default=str,
+        )
+        for item in plan.planned
+    ]
+    parts += [f"unmatched {entry.name}" for entry in plan.unmatched]
+    parts += [f"skipped {item.entry.name}" for item in plan.skipped]
+    return "\n".join(parts)

@@ -1,0 +1,255 @@
+"""One rank of a sharded-initialization test, started by tests/test_sharded.py.
+
+Usage: python tests/_sharded_worker.py SCENARIO RANK WORLD PORT OUT_DIR
+
+The rank joins a gloo process group on 127.0.0.1:PORT, builds the scenario's
+model sharded over all ranks, initializes it with initrules, and saves what
+the test compares with a single-process run to OUT_DIR/rank{RANK}.pt.
+"""
+
+import datetime
+import logging
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import initrules
+
+POLICIES = Path(__file__).parents[1] / "policies"
+SEED = 7
+
+# vocab_size 1001 makes the embedding's rows split unevenly over 2 or 3 ranks.
+LLAMA = {
+    "hidden_size": 128,
+    "intermediate_size": 344,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "vocab_size": 1001,
+}
+
+# Every kind of scheme, on tensors above and below the stream's chunk size
+# (2**20 elements), in float32 and bfloat16.
+MIXED_POLICY = """
+rules:
+  - match: {name: big.weight}
+    init: {scheme: normal, std: 0.02}
+  - match: {name: wide.weight}
+    init: {scheme: xavier_uniform}
+  - match: {name: table.weight}
+    init: {scheme: trunc_normal, std: 0.5, a: -1.0, b: 1.0}
+  - match: {name: narrow.weight}
+    init: {scheme: kaiming_uniform, nonlinearity: relu}
+  - match: {name: rotation.weight}
+    init: orthogonal
+  - match: {name: identity.weight}
+    init: eye
+  - match: {name: fused.weight}
+    init: {scheme: xavier_normal, chunks: 3}
+  - match: {param: bias}
+    init: {scheme: constant, val: 0.1}
+"""
+
+
+def llama_config(**overrides: Any) -> LlamaConfig:
+    return LlamaConfig(**{**LLAMA, **overrides})
+
+
+def mixed_model() -> nn.Module:
+    return nn.ModuleDict(
+        {
+            "big": nn.Linear(2048, 1100),
+            "wide": nn.Linear(1500, 1003),
+            "table": nn.Embedding(1001, 1100),
+            "narrow": nn.Linear(900, 1300, dtype=torch.bfloat16),
+            "rotation": nn.Linear(96, 64),
+            "identity": nn.Linear(40, 40),
+            "fused": nn.Linear(64, 3 * 64),
+        }
+    )
+
+
+def fsdp_blocks(mesh: DeviceMesh) -> Callable[[nn.Module], None]:
+    """Shard each decoder layer and then the whole model, as torchtitan does."""
+
+    def parallelize(model: nn.Module) -> None:
+        for layer in model.model.layers:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+
+    return parallelize
+
+
+def fsdp_children(mesh: DeviceMesh) -> Callable[[nn.Module], None]:
+    """Shard each child; a ModuleDict has no forward for FSDP to wrap."""
+
+    def parallelize(model: nn.Module) -> None:
+        for child in model.children():
+            fully_shard(child, mesh=mesh)
+
+    return parallelize
+
+
+def two_dim_placements(mesh: DeviceMesh) -> Callable[[nn.Module], None]:
+    """Shard dim 0 over the mesh's first axis and dim 1 over its second."""
+
+    def parallelize(model: nn.Module) -> None:
+        for module in model.modules():
+            for name, param in list(module._parameters.items()):
+                if param is None or isinstance(param, DTensor):
+                    continue
+                placements = (
+                    [Shard(0), Shard(1)]
+                    if param.dim() == 2
+                    else [Shard(0), Replicate()]
+                )
+                sharded = distribute_tensor(param.detach(), mesh, placements)
+                module._parameters[name] = nn.Parameter(sharded)
+
+    return parallelize
+
+
+def count_log_records() -> list[logging.LogRecord]:
+    records: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    root = logging.getLogger("initrules")
+    root.setLevel(logging.INFO)
+    root.addHandler(Keep())
+    return records
+
+
+def full_values(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Gather every parameter whole (a collective) and copy every buffer."""
+    values = {}
+    for name, param in model.named_parameters():
+        value = param.full_tensor() if isinstance(param, DTensor) else param
+        values[name] = value.detach().clone()
+    for name, buffer in model.named_buffers():
+        values[name] = buffer.detach().clone()
+    return values
+
+
+def local_shards(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {
+        name: param.to_local().detach().clone()
+        for name, param in model.named_parameters()
+        if isinstance(param, DTensor)
+    }
+
+
+def report_stats(report: initrules.Report) -> dict[str, tuple[float, float]]:
+    return {
+        row.label: (row.mean, row.std)
+        for row in report.rows
+        if row.mean is not None and row.std is not None
+    }
+
+
+def run(scenario: str, rank: int, world: int) -> dict[str, Any]:
+    records = count_log_records()
+    if scenario == "llama":
+        mesh = init_device_mesh("cpu", (world,))
+        model, report = initrules.build(
+            lambda: LlamaForCausalLM(llama_config()),
+            POLICIES / "llama.yaml",
+            seed=SEED,
+            parallelize=fsdp_blocks(mesh),
+        )
+        ids = (torch.arange(32).view(2, 16) * 37) % LLAMA["vocab_size"]
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        return {
+            "values": full_values(model),
+            "local": local_shards(model),
+            "stats": report_stats(report),
+            "loss": float(loss.detach()),
+            "records": len(records),
+        }
+    if scenario == "tied":
+        mesh = init_device_mesh("cpu", (world,))
+        model, _ = initrules.build(
+            lambda: LlamaForCausalLM(llama_config(tie_word_embeddings=True)),
+            POLICIES / "llama.yaml",
+            seed=SEED,
+            parallelize=fsdp_blocks(mesh),
+        )
+        tied = model.lm_head.weight is model.model.embed_tokens.weight
+        return {"values": full_values(model), "tied": tied}
+    if scenario == "mixed":
+        mesh = init_device_mesh("cpu", (world,))
+        model, report = initrules.build(
+            mixed_model,
+            initrules.load_policy(text=MIXED_POLICY),
+            seed=SEED,
+            parallelize=fsdp_children(mesh),
+        )
+        return {
+            "values": full_values(model),
+            "local": local_shards(model),
+            "stats": report_stats(report),
+        }
+    if scenario == "mesh2d":
+        mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("dp", "tp"))
+        model, report = initrules.build(
+            lambda: LlamaForCausalLM(llama_config()),
+            POLICIES / "llama.yaml",
+            seed=SEED,
+            parallelize=two_dim_placements(mesh),
+        )
+        return {"values": full_values(model), "stats": report_stats(report)}
+    if scenario == "rank_var":
+        mesh = init_device_mesh("cpu", (world,))
+        model = nn.Sequential(nn.Linear(8, 8, device="meta"))
+        fully_shard(model, mesh=mesh)
+        model.to_empty(device="cpu")
+        policy = initrules.load_policy(
+            text="vars: {scale: 1}\n"
+            "rules:\n"
+            "  - match: {param: weight}\n"
+            "    init: {scheme: normal, std: '0.02 * scale'}\n"
+            "  - {match: {param: bias}, init: zeros}\n"
+        )
+        try:
+            initrules.apply(model, policy, seed=SEED, vars={"scale": rank + 1})
+        except initrules.PlanError as error:
+            return {"error": str(error)}
+        return {"error": None}
+    raise ValueError(f"unknown scenario {scenario!r}")
+
+
+def main() -> None:
+    scenario, rank, world, port, out = sys.argv[1:6]
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=int(rank),
+        world_size=int(world),
+        timeout=datetime.timedelta(seconds=60),
+    )
+    # One thread per rank: the ranks share the machine's cores.
+    torch.set_num_threads(1)
+    try:
+        result = run(scenario, int(rank), int(world))
+        torch.save(result, Path(out) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
