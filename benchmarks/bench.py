@@ -47,9 +47,11 @@ import gc
 import json
 import math
 import os
+import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -926,6 +928,84 @@ def _parse_models(text: str) -> list[str]:
     return keys
 
 
+# Generation time per rank with 2 ranks, as a share of the 1-rank time.
+SHARDED_TARGET = 0.6
+SHARDED_TIMEOUT_S = 1200
+
+
+def _run_ranks(
+    model: str, world: int, quick: bool, out: Path
+) -> list[dict[str, float]]:
+    """Run benchmarks/sharded_rank.py on ``world`` gloo ranks; return their figures."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    script = Path(__file__).parent / "sharded_rank.py"
+    ranks = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                str(script),
+                str(rank),
+                str(world),
+                str(port),
+                str(out / f"rank{rank}.json"),
+                model,
+                *(["--quick"] if quick else []),
+            ],
+            env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
+        )
+        for rank in range(world)
+    ]
+    try:
+        for process in ranks:
+            process.wait(timeout=SHARDED_TIMEOUT_S)
+    finally:
+        for process in ranks:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    failed = [rank for rank, process in enumerate(ranks) if process.returncode != 0]
+    if failed:
+        codes = [ranks[rank].returncode for rank in failed]
+        raise RuntimeError(
+            f"sharded benchmark of {model} on {world} rank(s): ranks {failed} failed "
+            f"with exit codes {codes}"
+        )
+    return [json.loads((out / f"rank{rank}.json").read_text()) for rank in range(world)]
+
+
+# The models of the distributed mode, with what the table calls them.
+SHARDED_MODELS = {
+    "gpt2": "GPT-2 small, gpt2.yaml",
+    "llama-wide": "Llama of width 2048 and 4 layers, llama.yaml",
+}
+
+
+def run_distributed(quick: bool) -> int:
+    """Print the generation time and peak memory per rank on 1 and 2 ranks."""
+    print_environment(1 if quick else 5)
+    for model, title in SHARDED_MODELS.items():
+        results = {}
+        with tempfile.TemporaryDirectory() as scratch:
+            for world in (1, 2):
+                out = Path(scratch) / str(world)
+                out.mkdir()
+                results[world] = _run_ranks(model, world, quick, out)
+        parameters = int(results[1][0]["parameters"])
+        print(f"\nsharded fill (FSDP2, gloo), {title}: {parameters:,} parameters")
+        header = ("ranks", "seconds per rank (slowest)", "peak RSS per rank")
+        print(f"{header[0]:>5}  {header[1]:>26}  {header[2]:>18}")
+        for world, figures in results.items():
+            slowest = max(figure["seconds"] for figure in figures)
+            peak = max(figure["peak_rss_kib"] for figure in figures) / 1024
+            print(f"{world:>5}  {slowest:>26.3f}  {peak:>15.0f} MiB")
+        ratio = max(f["seconds"] for f in results[2]) / results[1][0]["seconds"]
+        verdict = "" if quick else ("  PASS" if ratio <= SHARDED_TARGET else "  MISS")
+        print(f"2 ranks / 1 rank: {ratio:.2f} (target <= {SHARDED_TARGET}){verdict}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmarks and print one table per model."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -944,6 +1024,12 @@ def main(argv: list[str] | None = None) -> int:
         default=list(CASES),
         help=f"comma-separated models to run (default: all of {','.join(CASES)})",
     )
+    parser.add_argument(
+        "--distributed",
+        action="store_true",
+        help="time the sharded fill of GPT-2 small (124M parameters) on 1 and 2 "
+        "gloo ranks (one thread each) instead of the single-process tables",
+    )
     # Internal: the subprocess that measures one build in a fresh process.
     parser.add_argument("--measure-build", choices=list(CASES), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -953,6 +1039,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.repeats < 1:
         parser.error(f"--repeats must be at least 1, got {args.repeats}")
 
+    if args.distributed:
+        return run_distributed(args.quick)
     repeats = 1 if args.quick else args.repeats
     threads = torch.get_num_threads()
     print_environment(repeats)

@@ -195,6 +195,13 @@ def build(
         PolicyError, CheckError: As for :func:`apply`.
     """
     resolved = resolve_policy(policy)
+    partial = sorted({"only", "skip_loaded"} & apply_options.keys())
+    if partial:
+        raise TypeError(
+            f"build does not take {' or '.join(partial)}: it allocates every "
+            "parameter without values, so each one must be initialized; build the "
+            "model, load the checkpoint, then call apply with it"
+        )
     if torch.device(device).type == "meta":
         raise ValueError(
             "build allocates the parameters on a real device, not 'meta'; to plan "

@@ -31,12 +31,14 @@ from initrules.schema import Checks, Rule
 from initrules.schemes import SparseArgs
 
 __all__ = [
+    "CANCELLATION_RATIO",
     "Measured",
     "Switches",
     "expected_for",
     "measure",
     "plan_failures",
     "reads_values",
+    "sum_of_squares",
     "switches_for",
     "tensor_failures",
     "tie_failures",
@@ -97,7 +99,7 @@ _BLOCK = 4096
 # shortcut var = (sum of squares - n * mean**2) / (n - 1) loses too many
 # digits, so the values are centered first. The blocked sums keep about 8
 # digits and the float64 ones about 15.
-_CANCELLATION_RATIO = 1000.0
+CANCELLATION_RATIO = 1000.0
 _CANCELLATION_RATIO_FLOAT64 = 1e9
 
 
@@ -105,7 +107,8 @@ _CANCELLATION_RATIO_FLOAT64 = 1e9
 _SMALL_TENSOR = 1 << 16
 
 
-def _sum_of_squares(values: torch.Tensor) -> float:
+def sum_of_squares(values: torch.Tensor) -> float:
+    """Return the sum of squares of a 1-D float tensor, in float64 precision."""
     whole = values.numel() - values.numel() % _BLOCK
     total = 0.0
     if whole:
@@ -140,10 +143,10 @@ def _mean_std(values: torch.Tensor) -> tuple[float, float]:
     mean = float(values.sum()) / count
     if not math.isfinite(mean):
         return mean, math.nan
-    squares = _sum_of_squares(values)
+    squares = sum_of_squares(values)
     centered = squares - count * mean * mean
-    if count * mean * mean > _CANCELLATION_RATIO * centered:
-        centered = _sum_of_squares(values - mean)
+    if count * mean * mean > CANCELLATION_RATIO * centered:
+        centered = sum_of_squares(values - mean)
     return mean, math.sqrt(max(centered, 0.0) / (count - 1))
 
 
@@ -757,6 +760,9 @@ def tie_failures(plan: Plan, model: nn.Module) -> list[CheckFailure]:
     by_name: dict[str, torch.Tensor] = {}
     for entry in entries:
         by_name[entry.name] = entry.tensor
+        if entry.parametrization is not None:
+            # Its aliases share one parametrization, not one Parameter.
+            continue
         owners = zip(entry.aliases, entry.alias_modules, entry.alias_infos, strict=True)
         for alias, module, info in owners:
             by_name[alias] = entry.tensor

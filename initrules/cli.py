@@ -12,6 +12,7 @@ import glob
 import importlib.util
 import json
 import logging
+import math
 import os
 import sys
 from collections.abc import Sequence
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.nn.parameter import UninitializedParameter
 
 from initrules.engine import apply
 from initrules.errors import CheckError, InitRulesError, PolicyError
@@ -385,6 +387,10 @@ def _variable(text: str) -> tuple[str, float]:
         raise argparse.ArgumentTypeError(
             f"invalid --var {text!r}: expected NAME=NUMBER, such as n_layer=24"
         )
+    if not math.isfinite(number):
+        raise argparse.ArgumentTypeError(
+            f"invalid --var {text!r}: the number must be finite"
+        )
     return name, number
 
 
@@ -447,7 +453,11 @@ def _run_apply(args: argparse.Namespace) -> int:
     probe_inputs = None
     if args.probe_input is not None:
         probe_inputs = _probe_input(model, args.probe_input)
-    count = sum(parameter.numel() for parameter in model.parameters())
+    count = sum(
+        parameter.numel()
+        for parameter in model.parameters()
+        if not isinstance(parameter, UninitializedParameter)
+    )
     if count > _PROGRESS_THRESHOLD:
         print(f"initializing {count:,} parameters ...", file=sys.stderr, flush=True)
     try:

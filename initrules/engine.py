@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import logging
 import os
 import warnings
@@ -150,10 +151,14 @@ def apply(
     missing = _missing_names(skip_loaded) if skip_loaded is not None else None
     sharded = _sharded_model(model)
 
+    partial = only is not None or missing is not None
+
     def plan_and_vet() -> Plan:
-        plan = make_plan(model, resolved, variables=vars)
-        if only is not None or missing is not None:
+        # With only or skip_loaded, tensors left out may not stop the plan.
+        plan = make_plan(model, resolved, variables=vars, raise_problems=not partial)
+        if partial:
             plan = _restrict(plan, only, missing)
+            plan.raise_for_problems()
         _require_data(plan, data)
         if sharded:
             _vet_sharded(plan, seed)
@@ -180,12 +185,22 @@ def apply(
             except Exception as error:
                 raise _write_error(item, written, error) from error
         for item in plan.planned:
-            if item.entry.parametrization is None or id(item.entry) in notes:
+            entry = item.entry
+            if entry.parametrization is None or id(entry) in notes:
+                continue
+            blocks = [other for other in plan.planned if other.entry is entry]
+            if not any(other.scheme.writes for other in blocks):
+                notes[id(entry)] = ""
                 continue
             try:
-                notes[id(item.entry)] = _write_through(item)
+                notes[id(entry)] = _write_through(item)
             except Exception as error:
-                raise _write_error(item, len(plan.planned), error) from error
+                rule = item.match.rule.label(item.match.rule_index)
+                raise ApplyError(
+                    f"{rule}: setting {entry.name!r} through its parametrization "
+                    f"failed: {type(error).__name__}: {error}; the other tensors are "
+                    "written, so the model is partly initialized"
+                ) from error
     if any(item.scheme.needs_data for item in plan.planned):
         try:
             report.lsuv = run_lsuv(model, plan, data)
@@ -326,6 +341,7 @@ def _by_tensor(
 
 def _measure_shards(
     item: PlannedTensor,
+    measured: Measured | None,
     expected: ExpectedStats | None,
     whole: dict[int, torch.Tensor],
 ) -> tuple[Measured | None, PlannedTensor]:
@@ -336,11 +352,9 @@ def _measure_shards(
     meta tensor of the global shape stands in for it.
     """
     tensor = item.entry.tensor
-    if item.chunk is None:
-        measured = measure_sharded(tensor)
-        if not reads_values(item, measured, expected):
-            stand_in = torch.empty(tensor.shape, dtype=tensor.dtype, device="meta")
-            return measured, on_tensor(item, stand_in)
+    if item.chunk is None and not reads_values(item, measured, expected):
+        stand_in = torch.empty(tensor.shape, dtype=tensor.dtype, device="meta")
+        return measured, on_tensor(item, stand_in)
     full = whole.get(id(tensor))
     if full is None:
         full = whole[id(tensor)] = global_view(tensor)
@@ -365,13 +379,17 @@ def _restrict(plan: Plan, only: Iterable[str] | None, missing: set[str] | None) 
     ``missing`` names from a checkpoint, when every one of its names is
     missing (so a head tied to a loaded embedding counts as loaded).
     """
-    requested = set(only) if only is not None else None
+    requested = _requested(plan, only) if only is not None else None
 
     def reason_to_skip(entry: TensorEntry) -> str | None:
         names = [entry.name, *entry.aliases]
         if requested is not None and requested.isdisjoint(names):
             return "not in only"
-        if missing is not None and not all(name in missing for name in names):
+        if (
+            missing is not None
+            and not all(name in missing for name in names)
+            and not _never_saved(entry)
+        ):
             return "loaded from the checkpoint"
         return None
 
@@ -390,7 +408,53 @@ def _restrict(plan: Plan, only: Iterable[str] | None, missing: set[str] | None) 
             unmatched.append(entry)
         else:
             skipped.append(SkippedTensor(entry, reason))
-    return replace(plan, planned=planned, unmatched=unmatched, skipped=skipped)
+    problems = [
+        problem for problem in plan.problems if reason_to_skip(problem.entry) is None
+    ]
+    return replace(
+        plan,
+        planned=planned,
+        unmatched=unmatched,
+        skipped=skipped,
+        problems=problems,
+    )
+
+
+def _requested(plan: Plan, only: Iterable[str]) -> set[str]:
+    """Return the names in ``only``, each one a name of the model's tensors.
+
+    Raises:
+        TypeError: ``only`` is a single string.
+        PlanError: A name is not a tensor of the model.
+    """
+    if isinstance(only, str):
+        raise TypeError(
+            f"only must be a collection of names, not the string {only!r}; "
+            f"write only=[{only!r}]"
+        )
+    requested = set(only)
+    entries = [item.entry for item in plan.planned] + plan.unmatched
+    entries += [item.entry for item in plan.skipped]
+    entries += [problem.entry for problem in plan.problems]
+    known = {name for entry in entries for name in (entry.name, *entry.aliases)}
+    known |= set(plan.untouched_buffers) | set(plan.lazy)
+    unknown = sorted(requested - known)
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], known, n=3)
+        hint = f" (close: {', '.join(close)})" if close else ""
+        raise PlanError(
+            f"only names {len(unknown)} tensor(s) the model does not have: "
+            f"{', '.join(map(repr, unknown[:5]))}{hint}; use canonical names as "
+            "the report shows them"
+        )
+    return requested
+
+
+def _never_saved(entry: TensorEntry) -> bool:
+    """Return True for a non-persistent buffer, which no checkpoint holds."""
+    return entry.info.kind == "buffer" and entry.info.local_name in getattr(
+        entry.module, "_non_persistent_buffers_set", ()
+    )
 
 
 def _canonical_key(key: str) -> str:
@@ -474,7 +538,20 @@ def _record_rows(
     rules: dict[int, _RuleFacts] = {}
     whole: dict[int, torch.Tensor] = {}
     sharded = plan.planned and _sharded_model_of(plan)
-    for item in plan.planned:
+    # Sharded tensors' statistics are reduced across ranks all at once.
+    reduced: dict[int, Measured | None] = {}
+    if sharded:
+        shards = [
+            (index, item.entry.tensor)
+            for index, item in enumerate(plan.planned)
+            if item.chunk is None and is_sharded(item.entry.tensor)
+        ]
+        measures = measure_sharded([tensor for _, tensor in shards])
+        reduced = {
+            index: measured
+            for (index, _), measured in zip(shards, measures, strict=True)
+        }
+    for position, item in enumerate(plan.planned):
         if zeroed is None:
             zeroed_rows = 0 if _padding_index(item) is None else 1
         else:
@@ -485,7 +562,9 @@ def _record_rows(
         expected = expected_for(item, zeroed_rows)
         judged = item
         if sharded and is_sharded(item.entry.tensor):
-            measured, judged = _measure_shards(item, expected, whole)
+            measured, judged = _measure_shards(
+                item, reduced.get(position), expected, whole
+            )
         else:
             measured = measure(item.target)
         row = _row(item, measured, expected, zeroed_rows, facts)
@@ -667,14 +746,19 @@ def _write_through(item: PlannedTensor) -> str:
     chain = entry.parametrization
     assert chain is not None
     drawn = entry.tensor
-    if not item.scheme.writes:
-        return ""
     # A copy: right_inverse may keep the tensor it is given as an original.
     chain.right_inverse(drawn.clone())
-    effective = getattr(entry.module, entry.info.local_name).detach()
+    modes = [(step, step.training) for step in chain.modules()]
+    chain.eval()
+    try:
+        effective = getattr(entry.module, entry.info.local_name).detach()
+    finally:
+        for step, mode in modes:
+            step.training = mode
     scale = float(drawn.abs().max()) if drawn.numel() else 0.0
     difference = float((effective - drawn).abs().max()) if drawn.numel() else 0.0
-    if difference <= 1e-4 * scale:
+    # Recomputing the value rounds a few times in the tensor's dtype.
+    if difference <= 8 * torch.finfo(drawn.dtype).eps * scale:
         drawn.copy_(effective)
         return "written through its parametrization"
     steps = ", ".join(type(step).__name__ for step in chain)

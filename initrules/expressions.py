@@ -89,13 +89,17 @@ class Expression:
             raise ExpressionError(
                 f"expression is {len(text)} characters long; the limit is {_MAX_TEXT}"
             )
-        try:
-            tree = ast.parse(text.strip(), mode="eval").body
-        except SyntaxError as error:
-            raise ExpressionError(f"invalid expression {text!r}: {error.msg}") from None
         names: set[str] = set()
         attributes: set[tuple[str, str]] = set()
-        _check(tree, text, names, attributes)
+        try:
+            tree = ast.parse(text.strip(), mode="eval").body
+            _check(tree, text, names, attributes)
+        except SyntaxError as error:
+            raise ExpressionError(f"invalid expression {text!r}: {error.msg}") from None
+        except (RecursionError, MemoryError):
+            raise ExpressionError(
+                f"expression {_shortened(text)!r} is nested too deeply"
+            ) from None
         return cls(text, tree, frozenset(names), frozenset(attributes))
 
     def evaluate(self, scope: Scope) -> float:
@@ -110,9 +114,19 @@ class Expression:
             raise ExpressionError(f"{self.text!r} failed: {error}") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ExpressionError(f"{self.text!r} gives {value!r}, not a number")
-        if not math.isfinite(value) or abs(value) > _MAX_MAGNITUDE:
+        if isinstance(value, float) and not math.isfinite(value):
             raise ExpressionError(f"{self.text!r} gives {value!r}, not a finite number")
+        # Compared as Python numbers: an integer may be too large for a float.
+        if abs(value) > _MAX_MAGNITUDE:
+            raise ExpressionError(
+                f"{self.text!r} gives a value beyond {_MAX_MAGNITUDE:g}, too large "
+                "for an argument"
+            )
         return value
+
+
+def _shortened(text: str, limit: int = 40) -> str:
+    return text if len(text) <= limit else f"{text[:limit]}..."
 
 
 @dataclass(frozen=True)

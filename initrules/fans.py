@@ -60,15 +60,20 @@ def true_fans(
     """
     if len(shape) < 2:
         return None
+    # The shape, not the module's sizes, so that one block of a split weight
+    # gets its own fans.
     if isinstance(module, nn.Linear) and local_name == "weight":
-        return module.in_features, module.out_features
+        return shape[1], shape[0]
     if isinstance(module, nn.modules.conv._ConvNd) and local_name == "weight":
         kernel = math.prod(module.kernel_size)
-        into = module.in_channels // module.groups * kernel
-        out = module.out_channels // module.groups * kernel
+        groups = module.groups
         if module.transposed:
-            return _per_position(into, module.stride), out
-        return into, _per_position(out, module.stride)
+            # Stored as (in, out / groups, *kernel).
+            into = max(1, shape[0] // groups) * kernel
+            return _per_position(into, module.stride), shape[1] * kernel
+        # Stored as (out, in / groups, *kernel).
+        out = max(1, shape[0] // groups) * kernel
+        return shape[1] * kernel, _per_position(out, module.stride)
     if _is_transformers_conv1d(module) and local_name == "weight":
         return shape[0], shape[1]
     if isinstance(module, nn.MultiheadAttention) and local_name.endswith("proj_weight"):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import typing
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +21,7 @@ from torch import nn
 from torch.nn.parameter import UninitializedBuffer, UninitializedParameter
 from torch.nn.utils import parametrize
 
-from initrules.errors import PlanError
+from initrules.errors import PlanError, PolicyError
 from initrules.expressions import ExpressionError, Scope
 from initrules.fans import true_fans
 from initrules.matcher import Matcher, MatchResult, TensorInfo
@@ -215,6 +216,11 @@ class Plan:
     problems: list[PlanProblem] = field(default_factory=list)
     lazy: list[str] = field(default_factory=list)
 
+    def raise_for_problems(self) -> None:
+        """Raise a PlanError listing ``problems``, if there are any."""
+        if self.problems:
+            _raise_problems([problem.message for problem in self.problems])
+
 
 def is_wrapper_segment(parent: nn.Module, child_name: str) -> bool:
     """Return True if ``child_name`` under ``parent`` is a wrapper segment."""
@@ -289,7 +295,17 @@ def walk_tensors(
         tensors += [(name, value, "buffer") for name, value in module._buffers.items()]
         module_class = type(module)
         if parametrize.is_parametrized(module):
-            parameters += _parametrized_entries(module, prefix, ancestors)
+            for entry in _parametrized_entries(module, prefix, ancestors):
+                # A parametrized module shared under two names has one chain.
+                chain = entry.parametrization
+                existing = seen.get(id(chain))
+                if existing is None:
+                    seen[id(chain)] = entry
+                    parameters.append(entry)
+                elif entry.name != existing.name:
+                    existing.aliases.append(entry.name)
+                    existing.alias_infos.append(entry.info)
+                    existing.alias_modules.append(module)
             # torch subclasses the module's class as Parametrized<Class>.
             module_class = module_class.__mro__[1]
         for local_name, tensor, kind in tensors:
@@ -338,8 +354,16 @@ def _parametrized_entries(
     assert isinstance(parametrizations, nn.ModuleDict)
     for local_name, chain in parametrizations.items():
         assert isinstance(chain, parametrize.ParametrizationList)
-        with torch.no_grad():
-            value = getattr(module, local_name).detach().clone()
+        # In training mode some parametrizations update state when read
+        # (spectral_norm's power iteration); reading must change nothing.
+        modes = [(step, step.training) for step in chain.modules()]
+        chain.eval()
+        try:
+            with torch.no_grad():
+                value = getattr(module, local_name).detach().clone()
+        finally:
+            for step, mode in modes:
+                step.training = mode
         info = TensorInfo(
             name=".".join((*prefix, local_name)),
             local_name=local_name,
@@ -501,7 +525,9 @@ def _plan_one(
             else Path.cwd()
         )
         try:
-            key, source = checkpoints.source(entry.name, shape, args, base)
+            key, source = checkpoints.source(
+                entry.name, shape, entry.tensor.dtype, args, base
+            )
         except ValueError as error:
             return _problem(
                 entry, result, str(error), "fix the rule's path, prefix or key"
@@ -646,7 +672,9 @@ class ArgumentResolver:
         fields = scheme.args_model.model_fields
         for key, number in evaluated.items():
             # An integer argument takes a float result that is a whole number.
-            if fields[key].annotation is int and float(number).is_integer():
+            annotation = fields[key].annotation
+            takes_int = annotation is int or int in typing.get_args(annotation)
+            if takes_int and float(number).is_integer():
                 evaluated[key] = int(number)
         try:
             return scheme.args_model.model_validate(
@@ -700,16 +728,25 @@ def _checked_overrides(
     for name, value in (variables or {}).items():
         if name not in policy.vars:
             declared = ", ".join(sorted(policy.vars)) or "none"
-            raise ValueError(
+            raise PolicyError(
                 f"var {name!r} is not declared in the policy's 'vars' (declared: "
-                f"{declared}); declare it there to override it"
+                f"{declared}); declare it there to override it",
+                path=policy.path,
             )
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise TypeError(
-                f"var {name!r} must be a number, got {type(value).__name__}"
+            raise PolicyError(
+                f"var {name!r} must be a number, got {type(value).__name__}",
+                path=policy.path,
             )
-        if not math.isfinite(value):
-            raise ValueError(f"var {name!r} must be a finite number, got {value}")
+        try:
+            finite = math.isfinite(value)
+        except OverflowError:
+            finite = False
+        if not finite:
+            raise PolicyError(
+                f"var {name!r} must be a finite number that fits a float",
+                path=policy.path,
+            )
         checked[name] = value
     return checked
 

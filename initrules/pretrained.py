@@ -116,22 +116,33 @@ class Checkpoints:
 
     def __init__(self) -> None:
         self._files: dict[Path, _Opened] = {}
+        self._explicit: dict[tuple[Path, str], str] = {}
 
     def source(
         self,
         name: str,
         shape: tuple[int, ...],
+        dtype: torch.dtype,
         args: PretrainedArgs,
         base: Path,
     ) -> tuple[str, Source]:
         """Return the key that ``name`` reads and a function that reads it.
 
         Raises:
-            ValueError: The file cannot be read, has no such key, or holds a
-                tensor of another shape.
+            ValueError: The file cannot be read, has no such key, holds a
+                tensor of another shape or of a dtype that cannot be cast, or
+                an explicit ``key`` is read by a second tensor.
         """
         opened = self._open(base / args.path)
         key = args.key if args.key is not None else _mapped(name, args.prefix)
+        if args.key is not None:
+            first = self._explicit.setdefault((opened.path, key), name)
+            if first != name:
+                raise ValueError(
+                    f"the rule gives key {key!r}, which only one tensor can read, and "
+                    f"it wins both {first!r} and {name!r}; narrow the rule's match or "
+                    "map names with 'prefix'"
+                )
         stored = opened.shapes.get(key)
         if stored is None:
             near = difflib.get_close_matches(key, opened.shapes, n=3)
@@ -144,12 +155,22 @@ class Checkpoints:
                 f"the checkpoint tensor {key!r} in {opened.path} has shape "
                 f"{stored}, and the model's tensor has shape {shape}"
             )
-        return key, opened.reader(key)
+        reader = opened.reader(key)
+        problem = _cast_problem(reader, dtype)
+        if problem is not None:
+            raise ValueError(
+                f"the checkpoint tensor {key!r} in {opened.path} {problem}"
+            )
+        return key, reader
 
     def _open(self, path: Path) -> _Opened:
         path = Path(os.path.abspath(path))
         opened = self._files.get(path)
         if opened is None:
+            if path.is_dir():
+                raise ValueError(
+                    f"the checkpoint path {path} is a directory, not a file"
+                )
             if not path.is_file():
                 raise ValueError(f"the checkpoint file {path} does not exist")
             try:
@@ -163,6 +184,35 @@ class Checkpoints:
                 ) from error
             self._files[path] = opened
         return opened
+
+
+def _cast_problem(reader: Source, dtype: torch.dtype) -> str | None:
+    """Return why the stored tensor cannot be copied into ``dtype``, or ``None``.
+
+    Integers and booleans do not mix with floating-point values, and a value
+    beyond the target's range would become Inf. The range test reads the
+    tensor only when the target's range is narrower.
+    """
+    stored = reader()
+    source = stored.dtype
+    if source == dtype:
+        return None
+    if source.is_floating_point != dtype.is_floating_point or (
+        source == torch.bool
+    ) != (dtype == torch.bool):
+        return f"is {_name(source)}, which does not cast to the model's {_name(dtype)}"
+    if dtype.is_floating_point and torch.finfo(dtype).max < torch.finfo(source).max:
+        largest = float(stored.abs().max()) if stored.numel() else 0.0
+        if largest > torch.finfo(dtype).max:
+            return (
+                f"holds values up to {largest:.3g}, beyond the largest "
+                f"{_name(dtype)} value ({torch.finfo(dtype).max:.3g})"
+            )
+    return None
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def _mapped(name: str, prefix: Mapping[str, str]) -> str:

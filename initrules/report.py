@@ -328,11 +328,17 @@ def _summary_text(report: Report) -> str:
     )
 
 
-def _rule_text(row: Row) -> str:
+def _rule_text(row: Row, policy_path: str) -> str:
+    """Name the rule and its line, with the file when a base policy holds it."""
     rule = row.rule_name or f"#{row.rule_index + 1}"
     if row.rule_location:
-        line = row.rule_location.rsplit(":", 2)[-2]
-        rule = f"{rule} (line {line})"
+        path, line, _ = row.rule_location.rsplit(":", 2)
+        where = (
+            f"line {line}"
+            if path == policy_path
+            else f"{os.path.basename(path)}:{line}"
+        )
+        rule = f"{rule} ({where})"
     return rule
 
 
@@ -364,7 +370,7 @@ def _format_markdown(report: Report) -> str:
             f"`{row.label}`{aliases}",
             format_shape(row.shape),
             row.module_type,
-            _rule_text(row),
+            _rule_text(row, report.policy_path),
             row.init_text,
             _format_number(row.mean),
             _format_number(row.std),
@@ -414,7 +420,7 @@ def _format_report(report: Report) -> str:
     )
     lines: list[tuple[str, ...]] = [header]
     for row in report.rows:
-        rule = _rule_text(row)
+        rule = _rule_text(row, report.policy_path)
         scheme = row.init_text
         name = row.label + (f" (= {', '.join(row.aliases)})" if row.aliases else "")
         lines.append(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import typing
 from typing import Any, Literal
 
 import regex
@@ -361,8 +362,13 @@ def _or_expression(schema: JsonSchemaValue) -> JsonSchemaValue:
 
 
 def _is_numeric(model: type[SchemeArgs], key: str) -> bool:
+    """Return True for a number field, optional ones (``int | None``) included."""
     field = model.model_fields.get(key)
-    return field is not None and field.annotation in (float, int)
+    if field is None:
+        return False
+    kinds = set(typing.get_args(field.annotation)) or {field.annotation}
+    kinds.discard(type(None))
+    return bool(kinds) and kinds <= {float, int}
 
 
 # Stands in for an expression while the other arguments are validated (an

@@ -235,13 +235,22 @@ def register_scheme(
     ``initrules.schemes`` group, loaded the first time a scheme is looked up.
 
     Raises:
-        ValueError: The name is registered already and ``override`` is False.
+        ValueError: The name is registered already and ``override`` is False,
+            or it is not an identifier.
+        TypeError: ``args`` is not a subclass of :class:`SchemeArgs`.
     """
     if isinstance(scheme, Scheme):
         return _add(scheme, override)
     name = scheme
     if name in _REGISTRY and not override:
         raise ValueError(_already_registered(name))
+    if args is not None and not (
+        isinstance(args, type) and issubclass(args, SchemeArgs)
+    ):
+        raise TypeError(
+            f"the arguments of scheme {name!r} must be a subclass of "
+            f"initrules.SchemeArgs, got {args!r}"
+        )
 
     def decorate(fill: FillFn) -> FillFn:
         model = args if args is not None else NoArgs
@@ -261,6 +270,17 @@ def _already_registered(name: str) -> str:
 
 
 def _add(scheme: Scheme, override: bool) -> Scheme:
+    if not isinstance(scheme.name, str) or not scheme.name.isidentifier():
+        raise ValueError(
+            f"invalid scheme name {scheme.name!r}: expected an identifier, such as "
+            "scaled_normal"
+        )
+    model = scheme.args_model
+    if not (isinstance(model, type) and issubclass(model, SchemeArgs)):
+        raise TypeError(
+            f"the arguments of scheme {scheme.name!r} must be a subclass of "
+            f"initrules.SchemeArgs, got {model!r}"
+        )
     if scheme.name in _REGISTRY and not override:
         raise ValueError(_already_registered(scheme.name))
     _REGISTRY[scheme.name] = scheme
@@ -491,12 +511,30 @@ def _fill_dirac(tensor: torch.Tensor, args: SchemeArgs, ctx: FillContext) -> Non
 
 def _fill_orthogonal(tensor: torch.Tensor, args: SchemeArgs, ctx: FillContext) -> None:
     assert isinstance(args, GainArgs)
-    nn.init.orthogonal_(tensor, args.gain, generator=ctx.generator)
+    # LAPACK's QR rounds differently on different thread counts, so a seeded
+    # draw runs it on one thread to give the same bits everywhere.
+    # NOTE: torch's thread count is global to the process for that time.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        nn.init.orthogonal_(tensor, args.gain, generator=ctx.generator)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _fill_sparse(tensor: torch.Tensor, args: SchemeArgs, ctx: FillContext) -> None:
+    """Draw as ``torch.nn.init.sparse_`` does, with every draw from ``ctx.generator``.
+
+    torch's own version draws the zero positions from the global generator
+    even when given one, so a seeded run would not repeat.
+    """
     assert isinstance(args, SparseArgs)
-    nn.init.sparse_(tensor, args.sparsity, args.std, generator=ctx.generator)
+    rows, columns = tensor.shape
+    zeros = math.ceil(args.sparsity * rows)
+    tensor.normal_(0, args.std, generator=ctx.generator)
+    for column in range(columns):
+        order = torch.randperm(rows, generator=ctx.generator, device=tensor.device)
+        tensor[order[:zeros], column] = 0
 
 
 class LecunNormalArgs(FanArgs):

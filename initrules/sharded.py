@@ -40,10 +40,10 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-from initrules.checks import Measured
+from initrules.checks import CANCELLATION_RATIO, Measured, sum_of_squares
 from initrules.errors import PlanError
 from initrules.planner import Plan, PlannedTensor
-from initrules.stream import CHUNK_ELEMENTS, Draw, draw_chunks
+from initrules.stream import CHUNK_ELEMENTS, Draw, draw_range
 
 __all__ = [
     "Shard",
@@ -165,63 +165,117 @@ def _draw_box(
     seed: int,
     item: PlannedTensor,
 ) -> None:
-    """Draw the stream chunks that cover the box, then copy the box out of them."""
+    """Draw the stream elements of the box, with the values one process draws.
+
+    A box of whole rows (``Shard(0)``) is one run of the stream, drawn
+    straight into the shard; any other box draws the run from its first to
+    its last element and copies the box out of it.
+    """
     strides = [math.prod(shape[dim + 1 :]) for dim in range(len(shape))]
     start = sum(o * s for o, s in zip(shard.offset, strides, strict=True))
+    total = math.prod(shape)
+    local = shard.local
+    rows_only = (
+        all(o == 0 for o in shard.offset[1:]) and tuple(local.shape[1:]) == (shape[1:])
+    )
+    if rows_only and local.is_contiguous():
+        draw_range(local.view(-1), start, total, draw, seed, item.label)
+        return
     last = start + sum(
-        (size - 1) * s for size, s in zip(shard.local.shape, strides, strict=True)
+        (size - 1) * s for size, s in zip(local.shape, strides, strict=True)
     )
-    first_chunk = start // CHUNK_ELEMENTS
-    begin = first_chunk * CHUNK_ELEMENTS
-    end = min((last // CHUNK_ELEMENTS + 1) * CHUNK_ELEMENTS, math.prod(shape))
-    dtype = shard.local.dtype
-    buffer = torch.empty(end - begin, dtype=dtype, device=shard.local.device)
-    draw_chunks(buffer, first_chunk, draw, seed, item.label)
-    box = buffer.as_strided(tuple(shard.local.shape), strides, start - begin)
-    shard.local.copy_(box)
+    run = torch.empty(last + 1 - start, dtype=local.dtype, device=local.device)
+    draw_range(run, start, total, draw, seed, item.label)
+    local.copy_(run.as_strided(tuple(local.shape), strides))
 
 
-def measure_sharded(tensor: torch.Tensor) -> Measured | None:
-    """Return the global mean, std, min and max of a DTensor, reduced across ranks.
+def measure_sharded(tensors: list[torch.Tensor]) -> list[Measured | None]:
+    """Return the global mean, std, min and max of DTensors, reduced across ranks.
 
-    Two passes: the global mean first, then the sum of squared deviations
-    from it, so the std keeps its digits whatever the mean.
+    Each rank sums its values and their squares as :func:`initrules.checks.measure`
+    does (blocked float32 norms summed in float64), and one pair of
+    collectives reduces every tensor's sums at once. When a mean is large
+    against the spread, a second pass sums squared deviations from the global
+    mean instead, so the std keeps its digits.
     """
+    parts = [_local_sums(tensor) for tensor in tensors]
+    sums = torch.tensor([part[0] for part in parts], dtype=torch.float64)
+    extremes = torch.tensor([part[1] for part in parts], dtype=torch.float64)
+    if parts:
+        dist.all_reduce(sums)
+        dist.all_reduce(extremes, op=dist.ReduceOp.MAX)
+    measured: list[Measured | None] = []
+    again: list[int] = []
+    for index, tensor in enumerate(tensors):
+        count, total, squares = (float(value) for value in sums[index])
+        if count == 0 or not _measurable(tensor):
+            measured.append(None)
+            continue
+        mean = total / count
+        low, high = -float(extremes[index][1]), float(extremes[index][0])
+        if count < 2 or not math.isfinite(mean):
+            std = 0.0 if count < 2 else math.nan
+            measured.append(Measured(mean, std, low, high))
+            continue
+        centered = squares - count * mean * mean
+        if count * mean * mean > CANCELLATION_RATIO * max(centered, 0.0):
+            again.append(index)
+        measured.append(Measured(mean, _std(centered, count), low, high))
+    if again:
+        # Every rank decides alike: the test uses global sums only.
+        deviations = torch.tensor(
+            [_local_deviations(tensors[index], measured[index]) for index in again],
+            dtype=torch.float64,
+        )
+        dist.all_reduce(deviations)
+        for index, centered in zip(again, deviations.tolist(), strict=True):
+            found = measured[index]
+            assert found is not None
+            count = float(sums[index][0])
+            measured[index] = Measured(
+                found.mean, _std(centered, count), found.min, found.max
+            )
+    return measured
+
+
+def _measurable(tensor: torch.Tensor) -> bool:
+    return not (tensor.dtype == torch.bool or tensor.is_complex())
+
+
+def _std(centered: float, count: float) -> float:
+    return math.sqrt(max(centered, 0.0) / (count - 1))
+
+
+def _owned_values(tensor: torch.Tensor) -> torch.Tensor:
+    """Return this rank's values that count in global statistics, flat."""
     assert isinstance(tensor, DTensor)
-    if tensor.numel() == 0 or tensor.dtype == torch.bool or tensor.is_complex():
-        return None
     shard = Shard.of(tensor)
-    values = shard.local.detach().reshape(-1).double()
-    if not shard.owner:
-        values = values[:0]
-    sums = torch.tensor(
-        [float(values.numel()), float(values.sum())], dtype=torch.float64
-    )
-    extremes = torch.tensor(
-        [
-            float(values.max()) if values.numel() else -math.inf,
-            -float(values.min()) if values.numel() else -math.inf,
-        ],
-        dtype=torch.float64,
-    )
-    dist.all_reduce(sums)
-    dist.all_reduce(extremes, op=dist.ReduceOp.MAX)
-    count, total = float(sums[0]), float(sums[1])
-    mean = total / count
-    deviations = torch.tensor(
-        [float((values - mean).square().sum()) if math.isfinite(mean) else 0.0],
-        dtype=torch.float64,
-    )
-    dist.all_reduce(deviations)
-    high, low = float(extremes[0]), -float(extremes[1])
-    if count < 2:
-        return Measured(mean, 0.0, low, high)
-    std = (
-        math.sqrt(float(deviations[0]) / (count - 1))
-        if math.isfinite(mean)
-        else (math.nan)
-    )
-    return Measured(mean, std, low, high)
+    values = shard.local.detach().reshape(-1)
+    if not shard.owner or not _measurable(tensor):
+        return values[:0].float()
+    if not values.is_floating_point() or values.dtype.itemsize < 4:
+        values = values.float()
+    return values
+
+
+def _local_sums(tensor: torch.Tensor) -> tuple[list[float], list[float]]:
+    values = _owned_values(tensor)
+    if values.numel() == 0:
+        return [0.0, 0.0, 0.0], [-math.inf, -math.inf]
+    low, high = torch.aminmax(values)
+    sums = [
+        float(values.numel()),
+        float(values.sum(dtype=torch.float64)),
+        sum_of_squares(values),
+    ]
+    return sums, [float(high), -float(low)]
+
+
+def _local_deviations(tensor: torch.Tensor, measured: Measured | None) -> float:
+    values = _owned_values(tensor)
+    if values.numel() == 0 or measured is None:
+        return 0.0
+    return sum_of_squares(values - measured.mean)
 
 
 def global_view(tensor: torch.Tensor) -> torch.Tensor:

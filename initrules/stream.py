@@ -30,7 +30,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-__all__ = ["CHUNK_ELEMENTS", "Draw", "derive_seed", "draw_chunks", "fill_chunked"]
+__all__ = ["CHUNK_ELEMENTS", "Draw", "derive_seed", "draw_range", "fill_chunked"]
 
 CHUNK_ELEMENTS = 1 << 20
 """Elements per chunk of the seeded stream; part of its format, never tuned."""
@@ -95,41 +95,49 @@ def fill_chunked(tensor: torch.Tensor, draw: Draw, seed: int, name: str) -> None
     )
     # Grad mode is per thread, so the workers write through a detached view.
     flat = target.detach().view(-1)
-    draw_chunks(flat, 0, draw, seed, name)
+    draw_range(flat, 0, flat.numel(), draw, seed, name)
     if target is not tensor:
         tensor.copy_(target)
 
 
-def draw_chunks(
-    out: torch.Tensor, first: int, draw: Draw, seed: int, name: str
+def draw_range(
+    out: torch.Tensor, start: int, total: int, draw: Draw, seed: int, name: str
 ) -> None:
-    """Draw consecutive chunks of ``name``'s stream into the 1-D tensor ``out``.
+    """Draw elements ``start`` to ``start + len(out)`` of a stream into ``out``.
 
-    ``out`` holds the tensor's elements from ``first * CHUNK_ELEMENTS`` on,
-    in row-major order; it may end inside a chunk only where the tensor
-    does. A rank that holds one shard of a tensor draws just the chunks
-    that cover its elements this way.
+    The stream covers a tensor of ``total`` elements in row-major order.
+    Chunks that lie wholly inside the range are drawn straight into
+    ``out``; the one or two it only partly covers are drawn whole and cut.
+    A rank that holds one shard of a tensor draws just its elements this
+    way, with the values a single process draws for them.
     """
-    count = math.ceil(out.numel() / CHUNK_ELEMENTS)
+    end = start + out.numel()
+    chunks = range(start // CHUNK_ELEMENTS, math.ceil(end / CHUNK_ELEMENTS))
     narrow = out.dtype.itemsize < 4
 
     @torch.no_grad()
-    def fill_one(index: int) -> None:
-        piece = out[index * CHUNK_ELEMENTS : (index + 1) * CHUNK_ELEMENTS]
+    def fill_one(chunk: int) -> None:
+        first = chunk * CHUNK_ELEMENTS
+        last = min(first + CHUNK_ELEMENTS, total)
+        low, high = max(first, start), min(last, end)
         generator = torch.Generator(device=out.device)
-        generator.manual_seed(derive_seed(seed, name, first + index))
-        if narrow:
-            scratch = torch.empty(piece.shape, dtype=torch.float32, device=piece.device)
-            draw.sample_(scratch, generator)
-            piece.copy_(scratch)
-        else:
+        generator.manual_seed(derive_seed(seed, name, chunk))
+        piece = out[low - start : high - start]
+        if (low, high) == (first, last) and not narrow:
             draw.sample_(piece, generator)
+            return
+        wide = torch.float32 if narrow else out.dtype
+        scratch = torch.empty(last - first, dtype=wide, device=out.device)
+        draw.sample_(scratch, generator)
+        piece.copy_(scratch[low - first : high - first])
 
-    workers = min(torch.get_num_threads(), count) if out.device.type == "cpu" else 1
+    workers = (
+        min(torch.get_num_threads(), len(chunks)) if out.device.type == "cpu" else 1
+    )
     if workers <= 1:
-        for index in range(count):
-            fill_one(index)
+        for chunk in chunks:
+            fill_one(chunk)
     else:
         with ThreadPoolExecutor(max_workers=workers) as pool:
             # list() re-raises the first exception a chunk raised.
-            list(pool.map(fill_one, range(count)))
+            list(pool.map(fill_one, chunks))

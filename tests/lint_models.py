@@ -114,3 +114,8 @@ def gpt2_renamed_projections(n_layer: int = 12) -> nn.Module:
             # attribute keeps `self.c_proj(...)` in forward() working.
             object.__setattr__(parent, "c_proj", projection)
     return model
+
+
+def lazy_mlp() -> nn.Module:
+    """Return ``Linear(4, 8)`` then a ``LazyLinear(2)`` with no shape yet."""
+    return nn.Sequential(nn.Linear(4, 8), nn.LazyLinear(2))

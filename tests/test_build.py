@@ -563,3 +563,11 @@ def test_other_threads_build_real_parameters() -> None:
         holder.join(timeout=10)
     with parameters_on_meta():
         assert nn.Linear(2, 2).weight.is_meta
+
+
+@pytest.mark.parametrize("option", ["only", "skip_loaded"])
+def test_partial_options_are_rejected(option: str) -> None:
+    # build allocates every parameter without values, so none may be left out.
+    policy = initrules.load_policy(text=SIMPLE_POLICY)
+    with pytest.raises(TypeError, match=f"build does not take {option}"):
+        initrules.build(lambda: nn.Linear(4, 4), policy, **{option: ["weight"]})

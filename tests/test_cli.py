@@ -887,3 +887,32 @@ def test_model_kwarg_reaches_transformers_class(
     assert code == 0
     assert not any(line.startswith("pooler.") for line in out)
     assert any(line.startswith("embeddings.word_embeddings.weight") for line in out)
+
+
+# --- apply: bad input through main() ---------------------------------------------
+
+
+def test_apply_undeclared_var_is_usage_error(
+    in_workspace: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, _, err = run_main(capsys, "apply", "clean.yaml", *TINY_MLP, "--var", "n=1")
+    assert code == 2
+    assert err.startswith("initrules apply: error: clean.yaml: var 'n' is not declared")
+
+
+def test_apply_infinite_var_is_usage_error(
+    in_workspace: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, _, err = run_main(capsys, "apply", "clean.yaml", *TINY_MLP, "--var", "n=inf")
+    assert code == 2
+    assert "invalid --var 'n=inf': the number must be finite" in err
+
+
+def test_apply_lazy_model_reports_skipped_tensors(
+    in_workspace: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, _ = run_main(
+        capsys, "apply", "clean.yaml", "--model", "tests.lint_models:lazy_mlp"
+    )
+    assert code == 0
+    assert any("2 skipped" in line for line in out), out

@@ -889,3 +889,41 @@ def test_loader_agrees_with_schema() -> None:
     )
     with pytest.raises(PolicyError):
         load_policy(text=listed)
+
+
+def test_huge_integer_result_is_an_error() -> None:
+    policy = load_policy(text=policy_text("10**200 * 10**200"))
+    with pytest.raises(PlanError, match="gives a value beyond 1e\\+300"):
+        initrules.apply(nn.Linear(4, 3), policy, seed=0)
+
+
+def test_deeply_nested_expression_is_a_policy_error() -> None:
+    with pytest.raises(PolicyError, match="is nested too deeply"):
+        load_policy(text=policy_text("-" * 990 + "0.1"))
+
+
+@pytest.mark.parametrize(
+    ("variables", "message"),
+    [
+        ({"nope": 1}, "var 'nope' is not declared in the policy's 'vars'"),
+        ({"k": 10**400}, "var 'k' must be a finite number that fits a float"),
+        ({"k": "2"}, "var 'k' must be a number, got str"),
+    ],
+    ids=["undeclared", "huge", "string"],
+)
+def test_bad_vars_are_policy_errors(variables: dict[str, object], message: str) -> None:
+    policy = load_policy(text=policy_text("k / 100"))
+    with pytest.raises(PolicyError, match=message):
+        initrules.apply(nn.Linear(4, 3), policy, seed=0, vars=variables)
+
+
+def test_optional_integer_arguments_take_expressions() -> None:
+    text = (
+        "rules:\n"
+        "  - match: {param: weight}\n"
+        "    init: {scheme: kaiming_normal, fan_in: 'module.in_features * 4'}\n"
+        "  - match: {param: bias}\n"
+        "    init: zeros\n"
+    )
+    report = initrules.apply(nn.Linear(64, 3), load_policy(text=text), seed=0)
+    assert report.row("weight").args["fan_in"] == 256

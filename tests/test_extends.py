@@ -43,6 +43,20 @@ def test_extending_rules_win(tmp_path: Path) -> None:
     assert report.row("bias").rule_location == f"{child}:3:5"
 
 
+def test_report_names_the_file_of_a_base_rule(tmp_path: Path) -> None:
+    write(tmp_path, "base.yaml", BASE)
+    child = write(
+        tmp_path,
+        "child.yaml",
+        "extends: base.yaml\n"
+        "rules:\n"
+        "  - {name: own, match: {param: bias}, init: ones}\n",
+    )
+    markdown = initrules.apply(nn.Linear(4, 3), child, seed=0).to_markdown()
+    assert "| base weights (base.yaml:5) |" in markdown
+    assert "| own (line 3) |" in markdown
+
+
 def test_base_rule_keeps_its_file(tmp_path: Path) -> None:
     base = write(tmp_path, "base.yaml", BASE)
     child = write(tmp_path, "child.yaml", "extends: base.yaml\nrules: []\n")

@@ -819,3 +819,20 @@ def test_report_lists_blocks_counts_tensors() -> None:
     assert summary["elements"] == sum(p.numel() for p in lstm.parameters())
     assert summary["unmatched"] == 0
     assert report.row("weight_hh_l0").chunk == (0, 4, 0)
+
+
+def test_fans_module_on_a_split_linear_are_the_blocks() -> None:
+    model = nn.Linear(8, 24)
+    policy = load_policy(
+        text=(
+            "rules:\n"
+            "  - match: {param: weight}\n"
+            "    init: {scheme: xavier_uniform, chunks: 3, fans: module}\n"
+            "  - match: {param: bias}\n"
+            "    init: zeros\n"
+        )
+    )
+    report = initrules.apply(model, policy, seed=0)
+    for row in report.rows_of("weight"):
+        assert (row.args["fan_in"], row.args["fan_out"]) == (8, 8)
+        assert row.expected_std == pytest.approx(math.sqrt(2 / 16))

@@ -230,3 +230,49 @@ def test_buffer_rules_set_batch_norm_running_statistics() -> None:
     assert report.untouched_buffers == ["1.num_batches_tracked"]
     assert report.unmatched == []
     assert int(model[1].num_batches_tracked) == 0
+
+
+# --- edge cases ---------------------------------------------------------------------
+
+
+def test_chunked_parametrized_tensor_with_a_kept_block_writes_the_others() -> None:
+    model = nn.Sequential(weight_norm(nn.Linear(4, 6)))
+    before = model[0].weight.detach().clone()
+    text = """
+rules:
+  - match: {param: weight, chunk: [1, 2]}
+    init: {scheme: constant, val: 0.5}
+  - match: {param: weight}
+    init: keep
+  - match: {param: bias}
+    init: zeros
+"""
+    initrules.apply(model, policy(text), seed=0)
+    weight = model[0].weight.detach()
+    assert torch.allclose(weight[:3], before[:3], rtol=1e-5)
+    assert torch.allclose(weight[3:], torch.full((3, 4), 0.5), rtol=1e-5)
+
+
+def test_spectral_norm_state_is_untouched_by_check_and_failed_apply() -> None:
+    model = nn.Sequential(spectral_norm(nn.Linear(8, 6)))
+    before = snapshot(model)
+    weights_only = policy("rules:\n  - match: {param: weight}\n    init: zeros\n")
+    with pytest.raises(initrules.UnmatchedTensorsError):
+        initrules.apply(model, weights_only, seed=0)
+    initrules.check(model, policy())
+    assert_unchanged(model, before)
+
+
+def test_shared_parametrized_module_is_planned_once() -> None:
+    shared = weight_norm(nn.Linear(4, 4))
+    model = nn.Sequential(shared, nn.ReLU(), shared)
+    report = initrules.apply(model, policy(), seed=0)
+    assert [row.name for row in report.rows] == ["0.weight", "0.bias"]
+    assert report.row("0.weight").aliases == ("2.weight",)
+    assert report.ok
+
+
+def test_weight_norm_in_bfloat16_is_not_reported_as_changed() -> None:
+    model = nn.Sequential(weight_norm(nn.Linear(64, 32))).to(torch.bfloat16)
+    report = initrules.apply(model, policy(), seed=0)
+    assert report.row("0.weight").note == "written through its parametrization"

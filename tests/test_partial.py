@@ -82,3 +82,56 @@ def test_loaded_unmatched_tensor_is_not_an_error() -> None:
 def test_skip_loaded_needs_missing_keys() -> None:
     with pytest.raises(TypeError, match="missing_keys"):
         initrules.apply(nn.Linear(2, 2), POLICY, skip_loaded={"a": 1})
+
+
+ZEROS = "rules:\n  - match: {}\n    init: zeros\n"
+
+
+def test_only_rejects_a_bare_string() -> None:
+    model = nn.Sequential(nn.Linear(4, 4))
+    with pytest.raises(TypeError, match="only must be a collection of names"):
+        initrules.apply(model, initrules.load_policy(text=ZEROS), only="0.weight")
+
+
+def test_only_rejects_unknown_names() -> None:
+    model = nn.Sequential(nn.Linear(4, 4))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(initrules.PlanError) as caught:
+        initrules.apply(model, initrules.load_policy(text=ZEROS), only=["0.wieght"])
+    assert str(caught.value) == (
+        "only names 1 tensor(s) the model does not have: '0.wieght' (close: "
+        "0.weight); use canonical names as the report shows them"
+    )
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, before[name])
+
+
+def test_tensors_left_out_do_not_stop_the_plan() -> None:
+    # xavier cannot fill a 1-D bias, but only the weight is asked for.
+    model = nn.Sequential(nn.Linear(4, 4))
+    policy = initrules.load_policy(
+        text="rules:\n  - match: {}\n    init: xavier_uniform\n"
+    )
+    report = initrules.apply(model, policy, seed=0, only=["0.weight"])
+    assert [row.name for row in report.rows] == ["0.weight"]
+
+
+class WithCache(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(4, 4)
+        self.register_buffer("cache", torch.ones(4), persistent=False)
+
+
+def test_non_persistent_buffer_is_never_counted_as_loaded() -> None:
+    model = WithCache()
+    result = model.load_state_dict(WithCache().state_dict(), strict=False)
+    text = (
+        "rules:\n  - match: {kind: buffer, param: cache}\n    init: zeros\n"
+        "  - match: {}\n    init: zeros\n"
+    )
+    report = initrules.apply(
+        model, initrules.load_policy(text=text), skip_loaded=result
+    )
+    assert [row.name for row in report.rows] == ["cache"]
+    assert torch.equal(model.cache, torch.zeros(4))

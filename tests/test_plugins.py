@@ -139,3 +139,14 @@ def test_entry_point_scheme_validates(tmp_path: Path) -> None:
     )
     assert result.returncode == 1
     assert "unknown name 'big'" in result.stderr
+
+
+def test_registration_checks_name_and_arguments() -> None:
+    def fill(tensor: torch.Tensor, args: object, context: object) -> None:
+        tensor.zero_()
+
+    with pytest.raises(ValueError, match="invalid scheme name ''"):
+        initrules.register_scheme("", random=False)(fill)
+    with pytest.raises(TypeError, match=r"must be a subclass of initrules\.SchemeArgs"):
+        initrules.register_scheme("not_args", args=dict, random=False)  # type: ignore[arg-type]
+    assert "not_args" not in initrules.scheme_names()

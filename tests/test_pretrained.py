@@ -224,3 +224,59 @@ def test_lint_reports_a_wrong_shape(
     assert "has shape (3, 4), and the model's tensor has shape (3, 5)" in str(
         findings[0]
     )
+
+
+def test_integer_checkpoint_into_float_tensor_is_plan_error(tmp_path: Path) -> None:
+    torch.save(
+        {
+            "backbone.weight": torch.ones(3, 4, dtype=torch.int64),
+            "backbone.bias": torch.zeros(3),
+        },
+        tmp_path / "encoder.pt",
+    )
+    model = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2))
+    before = snapshot(model)
+    with pytest.raises(initrules.PlanError, match="is int64, which does not cast to"):
+        initrules.apply(model, write_policy(tmp_path, ENCODER_POLICY), seed=0)
+    assert_unchanged(model, before)
+
+
+def test_value_beyond_float16_is_plan_error(tmp_path: Path) -> None:
+    torch.save(
+        {
+            "backbone.weight": torch.full((3, 4), 1.0e6),
+            "backbone.bias": torch.zeros(3),
+        },
+        tmp_path / "encoder.pt",
+    )
+    model = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2)).half()
+    before = snapshot(model)
+    with pytest.raises(initrules.PlanError, match="beyond the largest float16 value"):
+        initrules.apply(model, write_policy(tmp_path, ENCODER_POLICY), seed=0)
+    assert_unchanged(model, before)
+
+
+def test_explicit_key_read_by_two_tensors_is_plan_error(
+    tmp_path: Path, encoder_checkpoint: nn.Sequential
+) -> None:
+    text = """
+rules:
+  - match: {param: weight}
+    init: {scheme: pretrained, path: encoder.pt, key: backbone.weight}
+  - match: {param: bias}
+    init: zeros
+"""
+    model = nn.Sequential(nn.Linear(4, 3), nn.Linear(4, 3))
+    with pytest.raises(
+        initrules.PlanError, match=r"it wins both '0\.weight' and '1\.weight'"
+    ):
+        initrules.apply(model, write_policy(tmp_path, text), seed=0)
+
+
+def test_directory_path_is_named_as_such(tmp_path: Path) -> None:
+    (tmp_path / "encoder.pt").mkdir()
+    with pytest.raises(initrules.PlanError, match="is a directory, not a file"):
+        initrules.apply(
+            nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2)),
+            write_policy(tmp_path, ENCODER_POLICY),
+        )

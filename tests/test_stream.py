@@ -360,3 +360,38 @@ if __name__ == "__main__":
         },
         sys.argv[1],
     )
+
+
+def test_seeded_sparse_repeats_and_leaves_the_global_generator() -> None:
+    policy = initrules.load_policy(
+        text="rules:\n"
+        "  - {match: {param: weight}, init: {scheme: sparse, sparsity: 0.5}}\n"
+        "  - {match: {param: bias}, init: zeros}\n"
+    )
+    first, second = nn.Linear(16, 16), nn.Linear(16, 16)
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    initrules.apply(first, policy, seed=0)
+    initrules.apply(second, policy, seed=0)
+    assert torch.equal(first.weight, second.weight)
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_seeded_orthogonal_does_not_depend_on_threads() -> None:
+    # LAPACK's QR rounds differently on different thread counts.
+    policy = initrules.load_policy(
+        text="rules:\n  - {match: {param: weight}, init: orthogonal}"
+        "\n  - {match: {param: bias}, init: zeros}\n"
+    )
+    threads = torch.get_num_threads()
+    weights = []
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            model = nn.Linear(600, 600)
+            initrules.apply(model, policy, seed=11)
+            weights.append(model.weight.detach())
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(weights[0], weights[1])
+    assert torch.get_num_threads() == threads
