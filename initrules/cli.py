@@ -30,7 +30,7 @@ from initrules.globs import GlobError, compile_glob
 from initrules.lint import CODES, Finding, lint_path, sort_findings
 from initrules.loader import load_policy
 from initrules.matcher import Matcher
-from initrules.planner import walk_tensors
+from initrules.planner import PlannedTensor, PlanProblem, make_plan, walk_tensors
 from initrules.report import Report, format_args, format_shape
 from initrules.schema import policy_json_schema
 
@@ -330,6 +330,12 @@ def _run_explain(args: argparse.Namespace) -> int:
     except GlobError as error:
         raise _UsageError(f"invalid --param glob: {error}") from None
     parameters, buffers = walk_tensors(model)
+    # The plan resolves expressions and splits tensors into blocks.
+    plan = make_plan(model, policy, allow_meta=True, raise_problems=False)
+    planned: dict[str, list[PlannedTensor]] = {}
+    for item in plan.planned:
+        planned.setdefault(item.entry.name, []).append(item)
+    problems = {problem.entry.name: problem for problem in plan.problems}
     shown = 0
     for entry in parameters + buffers:
         info = entry.info
@@ -355,22 +361,33 @@ def _run_explain(args: argparse.Namespace) -> int:
                 label = policy.rules[index].label(index)
                 print(f"  {label} fails only on {predicate} (tensor has {value})")
             continue
-        init = result.rule.init
-        args_text = format_args(
-            {
-                key: repr(init.expressions[key].text)
-                if key in init.expressions
-                else value
-                for key, value in init.args.model_dump().items()
-            }
-        )
         print(f"  winner: {result.rule.label(result.rule_index)}")
-        print(f"    init: {result.rule.init.scheme}({args_text})")
+        _print_inits(
+            planned.get(info.name, []), result.rule_index, problems.get(info.name)
+        )
         for index in result.also_matched:
             print(f"  also matched: {policy.rules[index].label(index)}")
     if shown == 0:
         raise _UsageError(f"no tensor of the model matches {args.param!r}")
     return EXIT_CLEAN
+
+
+def _print_inits(
+    items: list[PlannedTensor], winner: int, problem: PlanProblem | None
+) -> None:
+    """Print the resolved init of a tensor, or of each of its blocks."""
+    if problem is not None:
+        print(f"    cannot initialize: {problem.reason}")
+    for item in items:
+        where = "" if item.chunk is None else f" [{item.chunk}]"
+        rule = item.match
+        by = (
+            ""
+            if rule.rule_index == winner
+            else f" (by {rule.rule.label(rule.rule_index)})"
+        )
+        args_text = format_args(item.args.model_dump())
+        print(f"    init{where}: {item.scheme.name}({args_text}){by}")
 
 
 # --- apply and schema --------------------------------------------------------------

@@ -134,11 +134,23 @@ def _merge(policy: Policy, bases: list[Policy]) -> Policy:
     """Combine a policy with the policies it extends.
 
     Its own rules come first, so they take precedence, then each base's in
-    the listed order. Vars and options the file sets win over the bases';
-    among the bases, the first listed that sets one wins.
+    the listed order. A file reached twice (two bases that extend one
+    shared file) gives its rules once, where it is first reached. Vars and
+    options the file sets win over the bases'; among the bases, the first
+    listed that sets one wins.
     """
+    rules = list(policy.rules)
+    placed = {str(rule.location) for rule in rules if rule.location is not None}
+    for base in bases:
+        for rule in base.rules:
+            where = str(rule.location) if rule.location is not None else None
+            if where is not None and where in placed:
+                continue
+            if where is not None:
+                placed.add(where)
+            rules.append(rule)
     updates: dict[str, Any] = {
-        "rules": [*policy.rules, *(rule for base in bases for rule in base.rules)],
+        "rules": rules,
         "vars": {
             **{k: v for base in reversed(bases) for k, v in base.vars.items()},
             **policy.vars,

@@ -916,3 +916,42 @@ def test_apply_lazy_model_reports_skipped_tensors(
     )
     assert code == 0
     assert any("2 skipped" in line for line in out), out
+
+
+def test_explain_shows_blocks_and_resolved_expressions(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    lstm = str(REPO_ROOT / "policies" / "lstm.yaml")
+    code, out, _ = run_main(
+        capsys,
+        "explain",
+        lstm,
+        "--model",
+        "torch.nn:LSTM",
+        "--model-arg",
+        "input_size=4",
+        "--model-arg",
+        "hidden_size=8",
+        "--param",
+        "bias_ih_l0",
+    )
+    assert code == 0
+    assert out[2:4] == [
+        "    init [chunk 0 of 4, dim 0]: zeros() (by rule 5 'other biases' at "
+        f"{lstm}:46:5)",
+        "    init [chunk 1 of 4, dim 0]: ones()",
+    ]
+    gpt2 = str(REPO_ROOT / "policies" / "gpt2.yaml")
+    code, out, _ = run_main(
+        capsys,
+        "explain",
+        gpt2,
+        "--model",
+        "transformers:GPT2LMHeadModel",
+        "--model-arg",
+        "n_layer=8",
+        "--param",
+        "transformer.h.0.attn.c_proj.weight",
+    )
+    assert code == 0
+    assert out[2] == "    init: normal(mean=0.0, std=0.005)"

@@ -134,3 +134,15 @@ def test_rules_required_without_extends() -> None:
     with pytest.raises(initrules.PolicyError) as caught:
         initrules.load_policy(text="name: lonely\n")
     assert str(caught.value) == "<text>:1:1: missing required key 'rules' in the policy"
+
+
+def test_shared_base_gives_its_rules_once(tmp_path: Path) -> None:
+    shared = write(tmp_path, "shared.yaml", BASE)
+    write(tmp_path, "left.yaml", "extends: shared.yaml\n")
+    write(tmp_path, "right.yaml", "extends: shared.yaml\n")
+    top = write(tmp_path, "top.yaml", "extends: [left.yaml, right.yaml]\n")
+    policy = initrules.load_policy(top)
+    assert [str(rule.location) for rule in policy.rules] == [
+        f"{shared}:5:5",
+        f"{shared}:8:5",
+    ]
