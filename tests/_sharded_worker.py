@@ -23,6 +23,11 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    RowwiseParallel,
+    parallelize_module,
+)
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import initrules
@@ -121,6 +126,27 @@ def two_dim_placements(mesh: DeviceMesh) -> Callable[[nn.Module], None]:
     return parallelize
 
 
+def tensor_and_fully_sharded(mesh: DeviceMesh) -> Callable[[nn.Module], None]:
+    """Tensor-parallel MLPs on the "tp" axis, FSDP2 on the "dp" axis.
+
+    ``down_proj`` becomes row-wise parallel, ``Shard(1)`` on "tp", and FSDP
+    adds ``Shard(0)`` on "dp", the layout torchtitan uses.
+    """
+
+    def parallelize(model: nn.Module) -> None:
+        plan = {
+            "gate_proj": ColwiseParallel(),
+            "up_proj": ColwiseParallel(),
+            "down_proj": RowwiseParallel(),
+        }
+        for layer in model.model.layers:
+            parallelize_module(layer.mlp, mesh["tp"], plan)
+            fully_shard(layer, mesh=mesh["dp"])
+        fully_shard(model, mesh=mesh["dp"])
+
+    return parallelize
+
+
 def count_log_records() -> list[logging.LogRecord]:
     records: list[logging.LogRecord] = []
 
@@ -204,15 +230,23 @@ def run(scenario: str, rank: int, world: int) -> dict[str, Any]:
             "local": local_shards(model),
             "stats": report_stats(report),
         }
-    if scenario == "mesh2d":
+    if scenario in ("mesh2d", "tp_fsdp"):
         mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("dp", "tp"))
+        layout = (
+            two_dim_placements if scenario == "mesh2d" else tensor_and_fully_sharded
+        )
         model, report = initrules.build(
             lambda: LlamaForCausalLM(llama_config()),
             POLICIES / "llama.yaml",
             seed=SEED,
-            parallelize=two_dim_placements(mesh),
+            parallelize=layout(mesh),
         )
-        return {"values": full_values(model), "stats": report_stats(report)}
+        down = model.model.layers[0].mlp.down_proj.weight
+        return {
+            "values": full_values(model),
+            "stats": report_stats(report),
+            "down_proj": [str(placement) for placement in down.placements],
+        }
     if scenario == "rank_var":
         mesh = init_device_mesh("cpu", (world,))
         model = nn.Sequential(nn.Linear(8, 8, device="meta"))

@@ -206,6 +206,15 @@ def test_every_scheme_and_large_tensors(tmp_path: Path) -> None:
 def test_two_dim_mesh_of_four_ranks(tmp_path: Path) -> None:
     expected, _, _ = llama_reference()
     for saved in run_ranks("mesh2d", 4, tmp_path):
+        assert saved["down_proj"] == ["S(0)", "S(1)"]
+        assert differing(expected, saved["values"]) == []
+
+
+def test_tensor_parallel_under_fsdp_on_a_two_dim_mesh(tmp_path: Path) -> None:
+    expected, _, _ = llama_reference()
+    for saved in run_ranks("tp_fsdp", 4, tmp_path):
+        # Row-wise parallel gives Shard(1) on "tp"; FSDP adds Shard(0) on "dp".
+        assert saved["down_proj"] == ["S(0)", "S(1)"]
         assert differing(expected, saved["values"]) == []
 
 
