@@ -24,10 +24,11 @@ from torch import nn
 from torch.nn.parameter import UninitializedParameter
 
 from initrules.engine import PolicySource, apply, resolve_policy
-from initrules.errors import PlanError, UnmatchedTensorsError
-from initrules.planner import make_plan
+from initrules.errors import InitRulesError, PlanError, UnmatchedTensorsError
+from initrules.planner import Plan, make_plan
 from initrules.report import Report
 from initrules.schema import Policy
+from initrules.sharded import agree_on_plan
 
 __all__ = ["build", "parameters_on_meta"]
 
@@ -218,7 +219,15 @@ def build(
         if dtype is not None:
             model.to(dtype)
         parallelize(model)
-        _check_plan(model, resolved, apply_options.get("vars"))
+        # A plan that fails on one rank must fail on all, not leave the
+        # others waiting in apply's collectives.
+        try:
+            plan, error = _check_plan(model, resolved, apply_options.get("vars")), None
+        except InitRulesError as caught:
+            plan, error = None, caught
+        agree_on_plan(plan, error, seed)
+        if error is not None:
+            raise error
         _materialize_sharded(model, torch.device(device))
     else:
         _check_plan(model, resolved, apply_options.get("vars"))
@@ -231,7 +240,7 @@ def build(
 
 def _check_plan(
     model: nn.Module, policy: Policy, variables: Mapping[str, float] | None
-) -> None:
+) -> Plan:
     """Reject what would leave memory uninitialized, before allocating any."""
     plan = make_plan(model, policy, allow_meta=True, variables=variables)
     if plan.lazy:
@@ -271,3 +280,4 @@ def _check_plan(
             f"factory (first: {meta_buffers[0]!r}), so build cannot give them "
             "values; construct them on a real device in the factory"
         )
+    return plan

@@ -386,7 +386,15 @@ def _print_inits(
             if rule.rule_index == winner
             else f" (by {rule.rule.label(rule.rule_index)})"
         )
-        args_text = format_args(item.args.model_dump())
+        expressions = rule.rule.init.expressions
+        args_text = format_args(
+            {
+                key: f"{value} from {expressions[key].text!r}"
+                if key in expressions
+                else value
+                for key, value in item.args.model_dump().items()
+            }
+        )
         print(f"    init{where}: {item.scheme.name}({args_text}){by}")
 
 

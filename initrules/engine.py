@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 
 from initrules.checks import (
     Measured,
@@ -47,9 +48,11 @@ from initrules.report import CheckFailure, Report, Row, Skipped
 from initrules.schema import Checks, Policy
 from initrules.schemes import FillContext
 from initrules.sharded import (
+    agree_on_failure,
     agree_on_plan,
     fill_sharded,
     global_view,
+    is_plain,
     is_sharded,
     measure_sharded,
     on_tensor,
@@ -149,6 +152,7 @@ def apply(
     _check_seed(seed)
     resolved = resolve_policy(policy)
     missing = _missing_names(skip_loaded) if skip_loaded is not None else None
+    _reject_unsharded_fsdp(model)
     sharded = _sharded_model(model)
 
     partial = only is not None or missing is not None
@@ -164,7 +168,7 @@ def apply(
             _vet_sharded(plan, seed)
         return plan
 
-    plan = _agreed(plan_and_vet) if sharded else plan_and_vet()
+    plan = _agreed(plan_and_vet, seed) if sharded else plan_and_vet()
     # Every rank has the same plan now, so all raise or warn alike.
     _handle_unmatched(plan)
     report = _new_report(plan, seed)
@@ -174,33 +178,29 @@ def apply(
         raise CheckError(report)
     zeroed: dict[int, int] = {}
     notes: dict[int, str] = {}
+    failure: Exception | None = None
     with torch.no_grad():
         for written, group in enumerate(_by_tensor(plan.planned, sharded)):
             item = group[0]
+            tensor = item.entry.tensor
             try:
-                if sharded and is_sharded(item.entry.tensor):
-                    zeroed[id(item.entry.tensor)] = fill_sharded(group, seed, _fill)
+                if sharded and is_sharded(tensor):
+                    zeroed[id(tensor)] = fill_sharded(
+                        group, seed, _fill, _padding_index
+                    )
                 else:
-                    zeroed[id(item.entry.tensor)] = _fill(item, seed)
+                    zeroed[id(tensor)] = _fill(item, seed)
             except Exception as error:
-                raise _write_error(item, written, error) from error
-        for item in plan.planned:
-            entry = item.entry
-            if entry.parametrization is None or id(entry) in notes:
-                continue
-            blocks = [other for other in plan.planned if other.entry is entry]
-            if not any(other.scheme.writes for other in blocks):
-                notes[id(entry)] = ""
-                continue
-            try:
-                notes[id(entry)] = _write_through(item)
-            except Exception as error:
-                rule = item.match.rule.label(item.match.rule_index)
-                raise ApplyError(
-                    f"{rule}: setting {entry.name!r} through its parametrization "
-                    f"failed: {type(error).__name__}: {error}; the other tensors are "
-                    "written, so the model is partly initialized"
-                ) from error
+                failure = _write_error(item, written, error)
+                failure.__cause__ = error
+                break
+    if sharded:
+        # One rank's failure must not leave the others in a collective.
+        agree_on_failure(failure)
+    elif failure is not None:
+        raise failure
+    with torch.no_grad():
+        _write_parametrized(plan, notes)
     if any(item.scheme.needs_data for item in plan.planned):
         try:
             report.lsuv = run_lsuv(model, plan, data)
@@ -262,7 +262,7 @@ def check(
     def plan_only() -> Plan:
         return make_plan(model, resolved, variables=vars)
 
-    plan = _agreed(plan_only) if _sharded_model(model) else plan_only()
+    plan = _agreed(plan_only, None) if _sharded_model(model) else plan_only()
     report = _new_report(plan, None)
     report.failures += plan_failures(plan)
     _record_rows(report, plan, None, {}, judge_arguments=True)
@@ -280,11 +280,33 @@ def _sharded_model(model: nn.Module) -> bool:
     )
 
 
+def _reject_unsharded_fsdp(model: nn.Module) -> None:
+    """Refuse an FSDP2 model whose parameters are gathered whole right now.
+
+    After a forward with ``reshard_after_forward=False`` the parameters are
+    plain tensors that FSDP2 discards on its next reshard, so writes to them
+    would be lost.
+    """
+    if not isinstance(model, nn.Module):
+        return
+    for name, module in model.named_modules():
+        # Read before the isinstance test: FSDPModule is typed as a mixin.
+        params = module.parameters()
+        if isinstance(module, FSDPModule) and any(
+            not is_sharded(param) for param in params
+        ):
+            raise PlanError(
+                f"the FSDP2 module {name or type(module).__name__!r} holds its "
+                "parameters unsharded, and FSDP2 would discard what initrules "
+                "writes there at its next reshard; call model.reshard() first"
+            )
+
+
 def _sharded_model_of(plan: Plan) -> bool:
     return any(is_sharded(item.entry.tensor) for item in plan.planned)
 
 
-def _agreed(make: Callable[[], Plan]) -> Plan:
+def _agreed(make: Callable[[], Plan], seed: int | None) -> Plan:
     """Plan on every rank and check that the ranks agree, before any writing.
 
     An error on one rank is shared with the others, so every rank raises
@@ -294,7 +316,7 @@ def _agreed(make: Callable[[], Plan]) -> Plan:
         plan, error = make(), None
     except InitRulesError as caught:
         plan, error = None, caught
-    agree_on_plan(plan, error)
+    agree_on_plan(plan, error, seed)
     if error is not None:
         raise error
     assert plan is not None
@@ -304,9 +326,23 @@ def _agreed(make: Callable[[], Plan]) -> Plan:
 def _vet_sharded(plan: Plan, seed: int | None) -> None:
     """Reject what cannot give the same values on every rank of a sharded model."""
     for item in plan.planned:
-        if not is_sharded(item.entry.tensor):
+        tensor = item.entry.tensor
+        if not is_sharded(tensor):
             continue
         rule = item.match.rule.label(item.match.rule_index)
+        placements = getattr(tensor, "placements", ())
+        if any(placement.is_partial() for placement in placements):
+            raise PlanError(
+                f"{rule} would write {item.entry.name!r}, whose placements "
+                f"{tuple(placements)} hold partial sums; initialize it before it "
+                "becomes Partial, or redistribute it to Shard or Replicate"
+            )
+        if not item.scheme.writes and not is_plain(tensor):
+            raise PlanError(
+                f"{rule} keeps part of {item.entry.name!r}, whose placements "
+                f"{tuple(placements)} are not Shard(d) or Replicate(); initrules "
+                "keeps values only under those"
+            )
         if item.scheme.needs_module_reset or item.scheme.needs_data:
             raise PlanError(
                 f"{rule} uses {item.scheme.name} on the sharded tensor "
@@ -352,7 +388,8 @@ def _measure_shards(
     meta tensor of the global shape stands in for it.
     """
     tensor = item.entry.tensor
-    if item.chunk is None and not reads_values(item, measured, expected):
+    reduced = item.chunk is None and is_plain(tensor)
+    if reduced and not reads_values(item, measured, expected):
         stand_in = torch.empty(tensor.shape, dtype=tensor.dtype, device="meta")
         return measured, on_tensor(item, stand_in)
     full = whole.get(id(tensor))
@@ -544,7 +581,9 @@ def _record_rows(
         shards = [
             (index, item.entry.tensor)
             for index, item in enumerate(plan.planned)
-            if item.chunk is None and is_sharded(item.entry.tensor)
+            if item.chunk is None
+            and is_sharded(item.entry.tensor)
+            and is_plain(item.entry.tensor)
         ]
         measures = measure_sharded([tensor for _, tensor in shards])
         reduced = {
@@ -730,6 +769,27 @@ def _fill(item: PlannedTensor, seed: int | None) -> int:
         return 0
     entry.tensor[padding_index].zero_()
     return 1
+
+
+def _write_parametrized(plan: Plan, notes: dict[int, str]) -> None:
+    """Set every parametrized tensor through its parametrization; note how it went."""
+    for item in plan.planned:
+        entry = item.entry
+        if entry.parametrization is None or id(entry) in notes:
+            continue
+        blocks = [other for other in plan.planned if other.entry is entry]
+        if not any(other.scheme.writes for other in blocks):
+            notes[id(entry)] = ""
+            continue
+        try:
+            notes[id(entry)] = _write_through(item)
+        except Exception as error:
+            rule = item.match.rule.label(item.match.rule_index)
+            raise ApplyError(
+                f"{rule}: setting {entry.name!r} through its parametrization "
+                f"failed: {type(error).__name__}: {error}; the other tensors are "
+                "written, so the model is partly initialized"
+            ) from error
 
 
 def _write_through(item: PlannedTensor) -> str:

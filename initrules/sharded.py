@@ -37,19 +37,21 @@ from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed as dist
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from initrules.checks import CANCELLATION_RATIO, Measured, sum_of_squares
-from initrules.errors import PlanError
+from initrules.errors import ApplyError, PlanError
 from initrules.planner import Plan, PlannedTensor
 from initrules.stream import CHUNK_ELEMENTS, Draw, draw_range
 
 __all__ = [
-    "Shard",
+    "Box",
+    "agree_on_failure",
     "agree_on_plan",
     "fill_sharded",
     "global_view",
+    "is_plain",
     "is_sharded",
     "measure_sharded",
     "on_tensor",
@@ -70,7 +72,7 @@ def rank() -> int:
 
 
 @dataclass(frozen=True)
-class Shard:
+class Box:
     """This rank's box of a DTensor.
 
     Attributes:
@@ -85,7 +87,7 @@ class Shard:
     owner: bool
 
     @classmethod
-    def of(cls, tensor: DTensor) -> Shard:
+    def of(cls, tensor: DTensor) -> Box:
         """Return the box this rank holds of ``tensor``."""
         mesh = tensor.device_mesh
         shape, offset = compute_local_shape_and_global_offset(
@@ -117,39 +119,67 @@ class Shard:
 
 
 FillFn = Callable[[PlannedTensor, int | None], int]
+PaddingFn = Callable[[PlannedTensor], int | None]
 
 
-def fill_sharded(items: list[PlannedTensor], seed: int | None, fill: FillFn) -> int:
-    """Write this rank's box of one DTensor; return the rows zeroed after a draw.
+def is_plain(tensor: torch.Tensor) -> bool:
+    """Return True if every placement is ``Shard(d)`` or ``Replicate()``.
 
-    ``items`` are the plan's items of one tensor (one, or one per block), and
-    ``fill`` writes one item into a plain tensor as a single process would.
+    The rank's part of such a tensor is one box, so it can be drawn and
+    measured alone; other placements (strided shards) go through the whole
+    tensor.
+    """
+    assert isinstance(tensor, DTensor)
+    return all(type(placement) in (Shard, Replicate) for placement in tensor.placements)
+
+
+def fill_sharded(
+    items: list[PlannedTensor], seed: int | None, fill: FillFn, padding: PaddingFn
+) -> int:
+    """Write this rank's part of one DTensor; return the rows zeroed after a draw.
+
+    ``items`` are the plan's items of one tensor (one, or one per block),
+    ``fill`` writes one item into a plain tensor as a single process would,
+    and ``padding`` returns the embedding row zeroed after an item's draw.
+    The returned count is the same on every rank, whatever its part holds.
     """
     first = items[0]
     tensor = first.entry.tensor
     assert isinstance(tensor, DTensor)
-    shard = Shard.of(tensor)
-    if shard.local.numel() == 0:
-        return 0
+    zeroed = 1 if any(padding(item) is not None for item in items) else 0
+    if not any(item.scheme.writes for item in items):
+        return zeroed
+    box = Box.of(tensor) if is_plain(tensor) else None
+    if box is not None and box.local.numel() == 0:
+        return zeroed
     draw = first.scheme.draw
     whole = len(items) == 1 and first.chunk is None
-    if (
-        whole
-        and seed is not None
-        and draw is not None
-        and tensor.numel() > (CHUNK_ELEMENTS)
-    ):
-        _draw_box(
-            shard, tuple(tensor.shape), draw(first.shape, first.args), seed, first
-        )
-        return 0
-    if whole and first.scheme.constant:
-        return fill(on_tensor(first, shard.local), seed)
-    full = torch.empty(tensor.shape, dtype=tensor.dtype, device=shard.local.device)
-    zeroed = 0
+    large = tensor.numel() > CHUNK_ELEMENTS
+    if box is not None and whole and seed is not None and draw is not None and large:
+        _draw_box(box, tuple(tensor.shape), draw(first.shape, first.args), seed, first)
+        row = padding(first)
+        if row is not None and box.offset[0] <= row < box.offset[0] + len(box.local):
+            box.local[row - box.offset[0]].zero_()
+        return zeroed
+    if box is not None and whole and first.scheme.constant:
+        fill(on_tensor(first, box.local), seed)
+        return zeroed
+    full = torch.empty(
+        tensor.shape, dtype=tensor.dtype, device=tensor.to_local().device
+    )
+    if box is not None:
+        # A block that a rule keeps keeps the rank's values.
+        box.window(full).copy_(box.local)
     for item in items:
-        zeroed = max(zeroed, fill(on_tensor(item, full), seed))
-    shard.local.copy_(shard.window(full))
+        fill(on_tensor(item, full), seed)
+    if box is not None:
+        box.local.copy_(box.window(full))
+    else:
+        # torch's own slicing, without communication: every rank holds `full`.
+        part = distribute_tensor(
+            full, tensor.device_mesh, tensor.placements, src_data_rank=None
+        )
+        tensor.to_local().copy_(part.to_local())
     return zeroed
 
 
@@ -159,7 +189,7 @@ def on_tensor(item: PlannedTensor, tensor: torch.Tensor) -> PlannedTensor:
 
 
 def _draw_box(
-    shard: Shard,
+    shard: Box,
     shape: tuple[int, ...],
     draw: Draw,
     seed: int,
@@ -249,7 +279,7 @@ def _std(centered: float, count: float) -> float:
 def _owned_values(tensor: torch.Tensor) -> torch.Tensor:
     """Return this rank's values that count in global statistics, flat."""
     assert isinstance(tensor, DTensor)
-    shard = Shard.of(tensor)
+    shard = Box.of(tensor)
     values = shard.local.detach().reshape(-1)
     if not shard.owner or not _measurable(tensor):
         return values[:0].float()
@@ -284,7 +314,7 @@ def global_view(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.full_tensor()
 
 
-def agree_on_plan(plan: Plan | None, error: Exception | None) -> None:
+def agree_on_plan(plan: Plan | None, error: Exception | None, seed: int | None) -> None:
     """Check that every rank made the same plan; raise on every rank if not.
 
     A rank that failed to plan takes part with its error, so that no rank
@@ -294,6 +324,7 @@ def agree_on_plan(plan: Plan | None, error: Exception | None) -> None:
         PlanError: The ranks' plans (or errors) differ.
     """
     text = _plan_text(plan) if plan is not None else f"error: {error}"
+    text += f"\nseed {seed}"
     digest = hashlib.blake2b(text.encode(), digest_size=8).digest()
     value = int.from_bytes(digest, "little") & ((1 << 62) - 1)
     world = dist.get_world_size()
@@ -305,15 +336,44 @@ def agree_on_plan(plan: Plan | None, error: Exception | None) -> None:
         groups.setdefault(found, []).append(index)
     if len(groups) > 1:
         shown = "; ".join(
-            f"ranks {', '.join(map(str, ranks))}" for ranks in groups.values()
+            f"{'rank' if len(ranks) == 1 else 'ranks'} {', '.join(map(str, ranks))}"
+            for ranks in groups.values()
         )
         raise PlanError(
-            f"the ranks made {len(groups)} different plans ({shown} agree with each "
-            "other); every rank must plan the same tensors with the same rules and "
-            "arguments, so check for vars, config values or module attributes that "
-            "differ between ranks"
+            f"the ranks made {len(groups)} different plans, one per group ({shown}); "
+            "every rank must plan the same tensors with the same rules, arguments "
+            "and seed, so check for a seed, vars, config values or module "
+            "attributes that differ between ranks"
             + (f" (this rank: {error})" if error is not None else "")
         )
+
+
+def agree_on_failure(error: Exception | None) -> None:
+    """Raise on every rank if writing failed on any (a collective).
+
+    Ranks write without collectives, so one that fails must not leave the
+    others waiting in the report's reductions.
+
+    Raises:
+        ApplyError: Some rank failed; this rank's own error, or which ranks
+            failed.
+    """
+    flags = torch.zeros(dist.get_world_size(), dtype=torch.int64)
+    flags[dist.get_rank()] = 1 if error is not None else 0
+    dist.all_reduce(flags)
+    failed = [index for index, flag in enumerate(flags.tolist()) if flag]
+    if not failed:
+        return
+    if isinstance(error, ApplyError):
+        raise error
+    if error is not None:
+        raise ApplyError(
+            f"writing failed on this rank: {type(error).__name__}: {error}"
+        )
+    raise ApplyError(
+        f"writing failed on rank(s) {', '.join(map(str, failed))}; this rank wrote "
+        "its shards, so the model is partly initialized"
+    )
 
 
 def _plan_text(plan: Plan) -> str:

@@ -22,12 +22,19 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import fully_shard
-from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+from torch.distributed.tensor import (
+    DTensor,
+    Partial,
+    Replicate,
+    Shard,
+    distribute_tensor,
+)
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     RowwiseParallel,
     parallelize_module,
 )
+from torch.distributed.tensor.placement_types import _StridedShard
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import initrules
@@ -66,6 +73,54 @@ rules:
   - match: {param: bias}
     init: {scheme: constant, val: 0.1}
 """
+
+
+SIMPLE_POLICY = """
+rules:
+  - {match: {param: weight}, init: {scheme: normal, std: 0.1}}
+  - {match: {param: bias}, init: zeros}
+"""
+
+KEEP_POLICY = """
+rules:
+  - match: {name: a.weight}
+    init: keep
+  - match: {name: b.weight, chunk: [0, 2]}
+    init: {scheme: normal, std: 0.5}
+  - match: {name: b.weight}
+    init: keep
+  - match: {name: table.weight}
+    init: {scheme: normal, std: 0.02}
+  - match: {name: tiny.weight}
+    init: {scheme: normal, std: 0.02}
+  - match: {param: bias}
+    init: keep
+"""
+
+
+def edge_model() -> nn.Module:
+    """Kept tensors and blocks, and embeddings with a padding row.
+
+    ``table`` is above the stream's chunk size; ``tiny`` has fewer rows than
+    three ranks, so one rank's shard is empty.
+    """
+    model = nn.ModuleDict(
+        {
+            "a": nn.Linear(16, 12),
+            "b": nn.Linear(16, 12),
+            "table": nn.Embedding(1100, 1000, padding_idx=3),
+            "tiny": nn.Embedding(2, 600, padding_idx=0),
+        }
+    )
+    return model
+
+
+def fill_known_values(model: nn.Module) -> None:
+    """Give every parameter values that a kept tensor must still hold after init."""
+    with torch.no_grad():
+        for index, param in enumerate(model.parameters()):
+            local = param.to_local() if isinstance(param, DTensor) else param
+            local.fill_(0.25 + index)
 
 
 def llama_config(**overrides: Any) -> LlamaConfig:
@@ -247,6 +302,8 @@ def run(scenario: str, rank: int, world: int) -> dict[str, Any]:
             "stats": report_stats(report),
             "down_proj": [str(placement) for placement in down.placements],
         }
+    if scenario == "edges":
+        return edge_cases(rank, world)
     if scenario == "rank_var":
         mesh = init_device_mesh("cpu", (world,))
         model = nn.Sequential(nn.Linear(8, 8, device="meta"))
@@ -265,6 +322,98 @@ def run(scenario: str, rank: int, world: int) -> dict[str, Any]:
             return {"error": str(error)}
         return {"error": None}
     raise ValueError(f"unknown scenario {scenario!r}")
+
+
+def raised(action: Callable[[], object]) -> str | None:
+    """Run ``action``; return the text of the initrules error it raised, if any."""
+    try:
+        action()
+    except initrules.InitRulesError as error:
+        return f"{type(error).__name__}: {error}"
+    return None
+
+
+def edge_cases(rank: int, world: int) -> dict[str, Any]:
+    mesh = init_device_mesh("cpu", (world,))
+    results: dict[str, Any] = {}
+
+    model = edge_model()
+    for child in model.values():
+        fully_shard(child, mesh=mesh)
+    fill_known_values(model)
+    report = initrules.apply(model, initrules.load_policy(text=KEEP_POLICY), seed=SEED)
+    results["edge_values"] = full_values(model)
+    results["edge_stats"] = report_stats(report)
+
+    strided = nn.Linear(4, 12)
+    placement = [_StridedShard(0, split_factor=2)]
+    strided.weight = nn.Parameter(
+        distribute_tensor(strided.weight.detach(), mesh, placement)
+    )
+    strided.bias = nn.Parameter(
+        distribute_tensor(strided.bias.detach(), mesh, [Replicate()])
+    )
+    initrules.apply(strided, initrules.load_policy(text=SIMPLE_POLICY), seed=SEED)
+    results["strided"] = full_values(strided)
+
+    partial = nn.Linear(4, 4)
+    partial.weight = nn.Parameter(
+        DTensor.from_local(torch.zeros(4, 4), mesh, [Partial()])
+    )
+    results["partial"] = raised(
+        lambda: initrules.apply(
+            partial, initrules.load_policy(text=SIMPLE_POLICY), seed=SEED
+        )
+    )
+
+    seeded = nn.Sequential(nn.Linear(8, 8))
+    fully_shard(seeded, mesh=mesh)
+    results["seed_per_rank"] = raised(
+        lambda: initrules.apply(seeded, POLICIES / "llama.yaml", seed=rank)
+    )
+
+    gathered = nn.Sequential(nn.Linear(8, 8))
+    fully_shard(gathered, mesh=mesh, reshard_after_forward=False)
+    gathered(torch.zeros(2, 8))
+    results["unsharded"] = raised(
+        lambda: initrules.apply(gathered, POLICIES / "llama.yaml", seed=SEED)
+    )
+
+    scaled = initrules.load_policy(
+        text="vars: {scale: 1}\n"
+        "rules:\n"
+        "  - match: {param: weight}\n"
+        "    init: {scheme: normal, std: '0.02 * scale'}\n"
+        "  - {match: {param: bias}, init: zeros}\n"
+    )
+    results["build_rank_var"] = raised(
+        lambda: initrules.build(
+            lambda: nn.Sequential(nn.Linear(8, 8)),
+            scaled,
+            seed=SEED,
+            vars={"scale": 1 - 2 * rank},
+            parallelize=lambda m: fully_shard(m, mesh=mesh),
+        )
+    )
+
+    # Two rows over three ranks: the third rank's shard is empty and it
+    # writes nothing, yet it must raise with the others.
+    initrules.register_scheme("always_fails", random=False)(fail_to_fill)
+    failing = nn.Sequential(nn.Linear(4, 2))
+    fully_shard(failing, mesh=mesh)
+    failing_policy = initrules.load_policy(
+        text="rules:\n"
+        "  - {match: {param: weight}, init: always_fails}\n"
+        "  - {match: {param: bias}, init: zeros}\n"
+    )
+    results["write_failure"] = raised(
+        lambda: initrules.apply(failing, failing_policy, seed=SEED)
+    )
+    return results
+
+
+def fail_to_fill(tensor: torch.Tensor, args: object, context: object) -> None:
+    raise RuntimeError("this scheme always fails")
 
 
 def main() -> None:

@@ -954,4 +954,7 @@ def test_explain_shows_blocks_and_resolved_expressions(
         "transformer.h.0.attn.c_proj.weight",
     )
     assert code == 0
-    assert out[2] == "    init: normal(mean=0.0, std=0.005)"
+    assert out[2] == (
+        "    init: normal(mean=0.0, std=0.005 from 'config.initializer_range / "
+        "sqrt(2 * config.n_layer)')"
+    )

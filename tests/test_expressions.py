@@ -822,8 +822,9 @@ def test_cli_explain_shows_expression(runs: Runs) -> None:
     lines = stdout.splitlines()
     assert lines[0] == "transformer.h.0.attn.c_proj.weight (Conv1D, 32x32, float32)"
     assert lines[1] == f"  winner: rule 1 'residual projections' at {GPT2_POLICY}:15:5"
+    # n_layer=2: 0.02 / sqrt(4).
     expected = (
-        "    init: normal(mean=0.0, std='config.initializer_range / "
+        "    init: normal(mean=0.0, std=0.01 from 'config.initializer_range / "
         "sqrt(2 * config.n_layer)')"
     )
     assert lines[2] == expected

@@ -225,5 +225,74 @@ def test_plan_that_differs_between_ranks_is_an_error_on_every_rank(
     for saved in results:
         assert saved["error"] is not None
         assert saved["error"].startswith(
-            "the ranks made 2 different plans (ranks 0; ranks 1 agree with each other)"
+            "the ranks made 2 different plans, one per group (rank 0; rank 1); "
         )
+
+
+@pytest.fixture(scope="module")
+def edge_cases(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    return run_ranks("edges", 3, tmp_path_factory.mktemp("edges"))
+
+
+def edge_reference() -> tuple[dict[str, torch.Tensor], initrules.Report]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model = worker.edge_model()
+        worker.fill_known_values(model)
+        policy = initrules.load_policy(text=worker.KEEP_POLICY)
+        report = initrules.apply(model, policy, seed=worker.SEED)
+    finally:
+        torch.set_num_threads(threads)
+    values = {name: param.detach() for name, param in model.named_parameters()}
+    return values, report
+
+
+def test_kept_tensors_blocks_and_padding_rows_match_one_process(
+    edge_cases: list[dict[str, Any]],
+) -> None:
+    expected, report = edge_reference()
+    # table.weight is above the chunk size: the per-rank range path.
+    assert expected["table.weight"].numel() > 2**20
+    assert torch.count_nonzero(expected["table.weight"][3]) == 0
+    for saved in edge_cases:
+        assert differing(expected, saved["edge_values"]) == []
+        for row in report.rows:
+            mean, std = saved["edge_stats"][row.label]
+            assert mean == pytest.approx(row.mean, rel=1e-6, abs=1e-9), row.label
+            assert std == pytest.approx(row.std, rel=1e-6, abs=1e-9), row.label
+
+
+def test_strided_shard_placement_matches_one_process(
+    edge_cases: list[dict[str, Any]],
+) -> None:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model = nn.Linear(4, 12)
+        initrules.apply(
+            model, initrules.load_policy(text=worker.SIMPLE_POLICY), seed=worker.SEED
+        )
+    finally:
+        torch.set_num_threads(threads)
+    expected = {name: param.detach() for name, param in model.named_parameters()}
+    for saved in edge_cases:
+        assert differing(expected, saved["strided"]) == []
+
+
+@pytest.mark.parametrize(
+    ("case", "start"),
+    [
+        ("partial", "PlanError: rule 1 at <text>"),
+        ("seed_per_rank", "PlanError: the ranks made 3 different plans"),
+        ("unsharded", "PlanError: the FSDP2 module"),
+        ("build_rank_var", "PlanError: the ranks made 3 different plans"),
+        ("write_failure", "ApplyError: "),
+    ],
+)
+def test_errors_raise_on_every_rank(
+    edge_cases: list[dict[str, Any]], case: str, start: str
+) -> None:
+    for rank, saved in enumerate(edge_cases):
+        assert saved[case] is not None, f"rank {rank} raised nothing"
+        assert saved[case].startswith(start), saved[case]
