@@ -37,7 +37,7 @@ POLICIES = Path(__file__).parents[1] / "policies"
 # A rank draws its share of each tensor above the stream's chunk size (2**20
 # elements), rounded out to whole chunks, and the whole of each smaller
 # tensor. GPT-2 small (124M parameters) has many tensors of 1 to 4 chunks,
-# where that rounding weighs; the wide Llama (164M) has tensors of 4 to 64.
+# where that rounding weighs; the wide Llama (243M) has tensors of 4 to 64.
 MODELS: dict[str, tuple[Callable[[bool], nn.Module], str]] = {}
 
 
