@@ -125,6 +125,9 @@ def main() -> None:
                 }
             )
         )
+        # The ranks leave together: one that tears its group down while a
+        # peer still sends to it can abort inside gloo.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

@@ -430,6 +430,9 @@ def main() -> None:
     try:
         result = run(scenario, int(rank), int(world))
         torch.save(result, Path(out) / f"rank{rank}.pt")
+        # The ranks leave together: one that tears its group down while a
+        # peer still sends to it can abort inside gloo.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

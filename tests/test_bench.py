@@ -81,3 +81,23 @@ def test_unknown_model_is_rejected() -> None:
     )
     assert result.returncode == 2
     assert "gpt3" in result.stderr
+
+
+def test_distributed_quick_run_prints_both_models() -> None:
+    result = subprocess.run(
+        [sys.executable, str(BENCH), "--distributed", "--quick"],
+        cwd=REPO_ROOT,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    lines = result.stdout.splitlines()
+    titles = [line for line in lines if line.startswith("sharded fill")]
+    assert len(titles) == len(load_bench().SHARDED_MODELS)
+    ratios = [line for line in lines if line.startswith("2 ranks / 1 rank: ")]
+    assert len(ratios) == len(titles)
+    # --quick judges no target: the models are tiny.
+    assert not any("PASS" in line or "MISS" in line for line in ratios)
