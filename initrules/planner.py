@@ -67,7 +67,7 @@ class TensorEntry:
         alias_modules: The module that owns the tensor under each alias.
         parametrization: For a parametrized tensor (``weight_norm``,
             ``spectral_norm``, ...), the module's ``ParametrizationList``;
-            ``tensor`` then holds the effective value, computed at the walk,
+            ``tensor`` then contains the effective value, computed at the walk,
             and writes go through the parametrization's ``right_inverse``.
     """
 
@@ -489,6 +489,7 @@ def _plan_one(
                 f"{scheme.name} initializes whole tensors and cannot fill chunks",
                 "use another scheme for the blocks, or do not split this tensor",
             )
+
     args = resolver.resolve(entry, result, scheme, shape)
     if isinstance(args, PlanProblem):
         return args
@@ -499,48 +500,60 @@ def _plan_one(
                 entry,
                 result,
                 f"fans: module needs the weight of a module whose layout initrules "
-                f"knows (Linear, convolutions, transformers' Conv1D, "
+                f"recognizes (Linear, convolutions, transformers' Conv1D, "
                 f"MultiheadAttention, RNN/LSTM/GRU), and "
                 f"{entry.info.local_name!r} of {entry.info.module_class.__name__} "
                 "is not one",
                 "use fans: torch, or give fan_in and fan_out explicitly",
             )
         args = args.model_copy(update={"fan_in": fans[0], "fan_out": fans[1]})
+
     problem = _check(entry, result, scheme, args, shape, chunk)
     if problem is not None:
         return problem
-    source = None
-    if isinstance(args, PretrainedArgs):
-        if chunk is not None:
-            return _problem(
-                entry,
-                result,
-                "pretrained copies whole tensors and cannot fill chunks",
-                "do not split this tensor",
-            )
-        location = result.rule.location
-        base = (
-            Path(location.path).parent
-            if location is not None and location.path != "<text>"
-            else Path.cwd()
-        )
-        try:
-            key, source = checkpoints.source(
-                entry.name, shape, entry.tensor.dtype, args, base
-            )
-        except ValueError as error:
-            return _problem(
-                entry, result, str(error), "fix the rule's path, prefix or key"
-            )
-        if key != args.key:
-            args = args.model_copy(update={"key": key})
+
+    if not isinstance(args, PretrainedArgs):
+        return PlannedTensor(entry, result, scheme, args, chunk)
+    found = _pretrained_source(entry, result, chunk, args, checkpoints)
+    if isinstance(found, PlanProblem):
+        return found
+    key, source = found
+    if key != args.key:
+        args = args.model_copy(update={"key": key})
     return PlannedTensor(entry, result, scheme, args, chunk, source)
+
+
+def _pretrained_source(
+    entry: TensorEntry,
+    result: MatchResult,
+    chunk: Chunk | None,
+    args: PretrainedArgs,
+    checkpoints: Checkpoints,
+) -> tuple[str, Callable[[], torch.Tensor]] | PlanProblem:
+    """Find the checkpoint key a ``pretrained`` tensor reads, and its reader."""
+    if chunk is not None:
+        return _problem(
+            entry,
+            result,
+            "pretrained copies whole tensors and cannot fill chunks",
+            "do not split this tensor",
+        )
+    location = result.rule.location
+    base = Path.cwd()
+    if location is not None and location.path != "<text>":
+        base = Path(location.path).parent
+    try:
+        return checkpoints.source(
+            entry.name, tuple(entry.tensor.shape), entry.tensor.dtype, args, base
+        )
+    except ValueError as error:
+        return _problem(entry, result, str(error), "fix the rule's path, prefix or key")
 
 
 def _blocks(
     entry: TensorEntry, result: MatchResult, matcher: Matcher
 ) -> list[tuple[Chunk | None, MatchResult]] | PlanProblem:
-    """Split a tensor into the blocks its winning rule asks for, each with a rule.
+    """Split a tensor into the blocks its winning rule requests, each with a rule.
 
     A winner with ``init.chunks`` fills every block itself. A winner that
     selects one block with ``match.chunk`` gets that block; each other block

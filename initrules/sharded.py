@@ -1,7 +1,7 @@
 """Initialization of DTensor parameters (FSDP2 and other layouts), shard by shard.
 
 A model sharded with ``torch.distributed.fsdp.fully_shard`` or with DTensor
-placements holds each parameter as a DTensor: every rank stores one box of
+placements stores each parameter as a DTensor: every rank stores one box of
 the global tensor. initrules writes each rank's box with exactly the values
 a single-process ``apply`` with the same seed gives that box, so the weights
 depend on the policy, the seed and the tensor's name alone, never on the
@@ -88,7 +88,7 @@ class Box:
 
     @classmethod
     def of(cls, tensor: DTensor) -> Box:
-        """Return the box this rank holds of ``tensor``."""
+        """Return the box of ``tensor`` that this rank stores."""
         mesh = tensor.device_mesh
         shape, offset = compute_local_shape_and_global_offset(
             tensor.shape, mesh, tensor.placements
@@ -126,7 +126,7 @@ def is_plain(tensor: torch.Tensor) -> bool:
     """Return True if every placement is ``Shard(d)`` or ``Replicate()``.
 
     The rank's part of such a tensor is one box, so it can be drawn and
-    measured alone; other placements (strided shards) go through the whole
+    measured alone. Other placements (strided shards) go through the whole
     tensor.
     """
     assert isinstance(tensor, DTensor)
@@ -141,7 +141,7 @@ def fill_sharded(
     ``items`` are the plan's items of one tensor (one, or one per block),
     ``fill`` writes one item into a plain tensor as a single process would,
     and ``padding`` returns the embedding row zeroed after an item's draw.
-    The returned count is the same on every rank, whatever its part holds.
+    The returned count is the same on every rank, whatever its part contains.
     """
     first = items[0]
     tensor = first.entry.tensor
@@ -175,7 +175,7 @@ def fill_sharded(
     if box is not None:
         box.local.copy_(box.window(full))
     else:
-        # torch's own slicing, without communication: every rank holds `full`.
+        # torch's own slicing needs no communication, since every rank has `full`.
         part = distribute_tensor(
             full, tensor.device_mesh, tensor.placements, src_data_rank=None
         )
@@ -189,7 +189,7 @@ def on_tensor(item: PlannedTensor, tensor: torch.Tensor) -> PlannedTensor:
 
 
 def _draw_box(
-    shard: Box,
+    box: Box,
     shape: tuple[int, ...],
     draw: Draw,
     seed: int,
@@ -198,15 +198,15 @@ def _draw_box(
     """Draw the stream elements of the box, with the values one process draws.
 
     A box of whole rows (``Shard(0)``) is one run of the stream, drawn
-    straight into the shard; any other box draws the run from its first to
+    straight into the shard. Any other box draws the run from its first to
     its last element and copies the box out of it.
     """
     strides = [math.prod(shape[dim + 1 :]) for dim in range(len(shape))]
-    start = sum(o * s for o, s in zip(shard.offset, strides, strict=True))
+    start = sum(o * s for o, s in zip(box.offset, strides, strict=True))
     total = math.prod(shape)
-    local = shard.local
+    local = box.local
     rows_only = (
-        all(o == 0 for o in shard.offset[1:]) and tuple(local.shape[1:]) == (shape[1:])
+        all(o == 0 for o in box.offset[1:]) and tuple(local.shape[1:]) == (shape[1:])
     )
     if rows_only and local.is_contiguous():
         draw_range(local.view(-1), start, total, draw, seed, item.label)

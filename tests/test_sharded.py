@@ -1,7 +1,7 @@
 """Sharded initialization (FSDP2 and DTensor placements) equals single-process results.
 
 Each test starts gloo ranks on 127.0.0.1, on a free port the test picks,
-running tests/_sharded_worker.py; every rank saves what it saw, and the test
+running tests/_sharded_worker.py. Every rank saves what it saw, and the test
 compares that with a single-process build of the same model, policy and
 seed. The ranks are killed when a test ends, whether it passed or not.
 """
@@ -10,10 +10,11 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import contextlib
 import socket
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +72,17 @@ def run_ranks(scenario: str, world: int, out: Path) -> list[dict[str, Any]]:
     return [torch.load(out / f"rank{rank}.pt") for rank in range(world)]
 
 
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """Run the block on one torch thread, as each rank does."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def reference(
     factory: Callable[[], nn.Module], policy: Path | initrules.Policy
 ) -> tuple[dict[str, torch.Tensor], initrules.Report, nn.Module]:
@@ -79,12 +91,8 @@ def reference(
     One thread, as each rank uses: the QR factorization behind ``orthogonal``
     may round differently with more threads.
     """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_thread():
         model, report = initrules.build(factory, policy, seed=worker.SEED)
-    finally:
-        torch.set_num_threads(threads)
     values = {name: param.detach() for name, param in model.named_parameters()}
     values.update(dict(model.named_buffers()))
     return values, report, model
@@ -210,7 +218,7 @@ def test_two_dim_mesh_of_four_ranks(tmp_path: Path) -> None:
         assert differing(expected, saved["values"]) == []
 
 
-def test_tensor_parallel_under_fsdp_on_a_two_dim_mesh(tmp_path: Path) -> None:
+def test_tensor_parallel_under_fsdp(tmp_path: Path) -> None:
     expected, _, _ = llama_reference()
     for saved in run_ranks("tp_fsdp", 4, tmp_path):
         # Row-wise parallel gives Shard(1) on "tp"; FSDP adds Shard(0) on "dp".
@@ -218,7 +226,7 @@ def test_tensor_parallel_under_fsdp_on_a_two_dim_mesh(tmp_path: Path) -> None:
         assert differing(expected, saved["values"]) == []
 
 
-def test_plan_that_differs_between_ranks_is_an_error_on_every_rank(
+def test_rank_dependent_plan_raises_everywhere(
     tmp_path: Path,
 ) -> None:
     results = run_ranks("rank_var", 2, tmp_path)
@@ -235,20 +243,17 @@ def edge_cases(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]
 
 
 def edge_reference() -> tuple[dict[str, torch.Tensor], initrules.Report]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        model = worker.edge_model()
-        worker.fill_known_values(model)
-        policy = initrules.load_policy(text=worker.KEEP_POLICY)
+    """Apply the edge-case policy to the edge-case model in this process."""
+    model = worker.edge_model()
+    worker.fill_known_values(model)
+    policy = initrules.load_policy(text=worker.KEEP_POLICY)
+    with one_thread():
         report = initrules.apply(model, policy, seed=worker.SEED)
-    finally:
-        torch.set_num_threads(threads)
     values = {name: param.detach() for name, param in model.named_parameters()}
     return values, report
 
 
-def test_kept_tensors_blocks_and_padding_rows_match_one_process(
+def test_kept_and_padded_tensors_match(
     edge_cases: list[dict[str, Any]],
 ) -> None:
     expected, report = edge_reference()
@@ -263,18 +268,13 @@ def test_kept_tensors_blocks_and_padding_rows_match_one_process(
             assert std == pytest.approx(row.std, rel=1e-6, abs=1e-9), row.label
 
 
-def test_strided_shard_placement_matches_one_process(
+def test_strided_shard_matches(
     edge_cases: list[dict[str, Any]],
 ) -> None:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        model = nn.Linear(4, 12)
-        initrules.apply(
-            model, initrules.load_policy(text=worker.SIMPLE_POLICY), seed=worker.SEED
-        )
-    finally:
-        torch.set_num_threads(threads)
+    model = nn.Linear(4, 12)
+    policy = initrules.load_policy(text=worker.SIMPLE_POLICY)
+    with one_thread():
+        initrules.apply(model, policy, seed=worker.SEED)
     expected = {name: param.detach() for name, param in model.named_parameters()}
     for saved in edge_cases:
         assert differing(expected, saved["strided"]) == []
