@@ -37,12 +37,12 @@ POLICIES = Path(__file__).parents[1] / "policies"
 # A rank draws its share of each tensor above the stream's chunk size (2**20
 # elements), rounded out to whole chunks, and the whole of each smaller
 # tensor. GPT-2 small (124M parameters) has many tensors of 1 to 4 chunks,
-# where that rounding weighs; the wide Llama (243M) has tensors of 4 to 64.
+# where that rounding weighs. The wide Llama (243M) has tensors of 4 to 64.
 MODELS: dict[str, tuple[Callable[[bool], nn.Module], str]] = {}
 
 
 def gpt2(quick: bool) -> nn.Module:
-    """GPT-2 small, or a tiny one for --quick."""
+    """Return GPT-2 small, or a tiny one for --quick."""
     sizes = {"n_layer": 12, "n_embd": 768, "n_head": 12, "vocab_size": 50257}
     if quick:
         sizes = {"n_layer": 2, "n_embd": 128, "n_head": 4, "vocab_size": 4000}
@@ -51,7 +51,7 @@ def gpt2(quick: bool) -> nn.Module:
 
 
 def llama_wide(quick: bool) -> nn.Module:
-    """A 4-layer Llama of width 2048 with untied embeddings, or a tiny one."""
+    """Return a 4-layer Llama of width 2048 with untied embeddings, or a tiny one."""
     config = LlamaConfig(
         hidden_size=128 if quick else 2048,
         intermediate_size=344 if quick else 5504,

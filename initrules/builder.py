@@ -131,10 +131,10 @@ def _materialize(
 def _materialize_sharded(model: nn.Module, device: torch.device) -> None:
     """Allocate a parallelized model with ``to_empty`` and restore its buffers.
 
-    ``to_empty`` is what FSDP2 and DTensor layouts expect (FSDP2 keeps its
-    own references to the sharded parameters up to date in it), but it
-    leaves buffers uninitialized too; they get back the values the factory
-    computed, which stayed real while the parameters were on meta.
+    FSDP2 and DTensor layouts expect ``to_empty``, in which FSDP2 updates its
+    own references to the sharded parameters. It also leaves buffers
+    uninitialized, so they get back the values the factory computed, which
+    stayed real while the parameters were on meta.
     """
     saved = {
         name: buffer.detach().clone()

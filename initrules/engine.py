@@ -281,7 +281,7 @@ def _sharded_model(model: nn.Module) -> bool:
 
 
 def _reject_unsharded_fsdp(model: nn.Module) -> None:
-    """Refuse an FSDP2 model whose parameters are gathered whole right now.
+    """Reject an FSDP2 model whose parameters are gathered whole right now.
 
     After a forward with ``reshard_after_forward=False`` the parameters are
     plain tensors that FSDP2 discards on its next reshard, so writes to them
@@ -296,7 +296,7 @@ def _reject_unsharded_fsdp(model: nn.Module) -> None:
             not is_sharded(param) for param in params
         ):
             raise PlanError(
-                f"the FSDP2 module {name or type(module).__name__!r} holds its "
+                f"the FSDP2 module {name or type(module).__name__!r} has its "
                 "parameters unsharded, and FSDP2 would discard what initrules "
                 "writes there at its next reshard; call model.reshard() first"
             )
@@ -385,7 +385,7 @@ def _measure_shards(
 
     The checks judge the whole tensor, gathered on every rank, only when they
     read its values (see :func:`initrules.checks.reads_values`); otherwise a
-    meta tensor of the global shape stands in for it.
+    meta tensor of the global shape replaces it.
     """
     tensor = item.entry.tensor
     reduced = item.chunk is None and is_plain(tensor)
@@ -488,7 +488,7 @@ def _requested(plan: Plan, only: Iterable[str]) -> set[str]:
 
 
 def _never_saved(entry: TensorEntry) -> bool:
-    """Return True for a non-persistent buffer, which no checkpoint holds."""
+    """Return True for a non-persistent buffer, which no checkpoint contains."""
     return entry.info.kind == "buffer" and entry.info.local_name in getattr(
         entry.module, "_non_persistent_buffers_set", ()
     )
@@ -795,7 +795,7 @@ def _write_parametrized(plan: Plan, notes: dict[int, str]) -> None:
 def _write_through(item: PlannedTensor) -> str:
     """Set a parametrized tensor to its drawn value through ``right_inverse``.
 
-    ``entry.tensor`` holds the drawn value. When the module's effective
+    ``entry.tensor`` contains the drawn value. When the module's effective
     value then equals it (``weight_norm``), the entry takes the effective
     value, so the checks judge what the module computes. When the
     parametrization changes it (``spectral_norm`` divides by the largest

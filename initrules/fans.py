@@ -7,7 +7,7 @@ field. That is right for ``nn.Linear`` and ungrouped, unstrided
 as (in, out), nor for grouped, strided or transposed convolutions.
 
 The true fan_in of a weight is the number of inputs each output of its
-linear map sums over; the true fan_out is the number of outputs each input
+linear map sums over. The true fan_out is the number of outputs each input
 feeds. With ``k`` the product of the kernel sizes, ``s`` the product of the
 strides and ``g`` the groups:
 

@@ -3,8 +3,9 @@
 A rule such as ``init: {scheme: pretrained, path: encoder.pt, prefix:
 {"encoder.": "model.encoder."}}`` fills each tensor it wins with the
 checkpoint's tensor of the same name, after the prefix mapping. The planner
-opens each file once, finds every key and compares every shape before
-anything is written; a missing key or a wrong shape is a PlanError.
+opens each file once and checks every key, shape and dtype before anything
+is written. A missing key, a wrong shape or a dtype that cannot be cast is
+a PlanError.
 
 Files ending in ``.safetensors`` are read with the safetensors package
 (``pip install safetensors``); any other file with ``torch.load(...,
@@ -32,7 +33,7 @@ class PretrainedArgs(SchemeArgs):
     """Arguments of ``pretrained``.
 
     Attributes:
-        path: The checkpoint file, relative to the policy file that holds
+        path: The checkpoint file, relative to the policy file that contains
             the rule (to the working directory for a policy without a file).
         prefix: Maps the start of a tensor's canonical name to the start of
             its checkpoint key; the longest matching prefix applies.
@@ -129,7 +130,7 @@ class Checkpoints:
         """Return the key that ``name`` reads and a function that reads it.
 
         Raises:
-            ValueError: The file cannot be read, has no such key, holds a
+            ValueError: The file cannot be read, has no such key, contains a
                 tensor of another shape or of a dtype that cannot be cast, or
                 an explicit ``key`` is read by a second tensor.
         """
@@ -193,6 +194,7 @@ def _cast_problem(reader: Source, dtype: torch.dtype) -> str | None:
     beyond the target's range would become Inf. The range test reads the
     tensor only when the target's range is narrower.
     """
+    # NOTE: a safetensors tensor is read here and again when it is written.
     stored = reader()
     source = stored.dtype
     if source == dtype:
@@ -205,7 +207,7 @@ def _cast_problem(reader: Source, dtype: torch.dtype) -> str | None:
         largest = float(stored.abs().max()) if stored.numel() else 0.0
         if largest > torch.finfo(dtype).max:
             return (
-                f"holds values up to {largest:.3g}, beyond the largest "
+                f"contains values up to {largest:.3g}, beyond the largest "
                 f"{_name(dtype)} value ({torch.finfo(dtype).max:.3g})"
             )
     return None

@@ -329,7 +329,7 @@ def _summary_text(report: Report) -> str:
 
 
 def _rule_text(row: Row, policy_path: str) -> str:
-    """Name the rule and its line, with the file when a base policy holds it."""
+    """Return the rule's name and line, with the file when a base policy has it."""
     rule = row.rule_name or f"#{row.rule_index + 1}"
     if row.rule_location:
         path, line, _ = row.rule_location.rsplit(":", 2)

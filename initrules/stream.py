@@ -108,7 +108,7 @@ def draw_range(
     The stream covers a tensor of ``total`` elements in row-major order.
     Chunks that lie wholly inside the range are drawn straight into
     ``out``; the one or two it only partly covers are drawn whole and cut.
-    A rank that holds one shard of a tensor draws just its elements this
+    A rank that stores one shard of a tensor draws just its elements this
     way, with the values a single process draws for them.
     """
     end = start + out.numel()

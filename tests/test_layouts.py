@@ -583,7 +583,7 @@ def test_fans_module_rejects_layer_norm() -> None:
     assert str(caught.value) == (
         "rule 1 'norm' at <text>:2:5 cannot initialize 'weight' (shape (8,), "
         "float32): fans: module needs the weight of a module whose layout "
-        "initrules knows (Linear, convolutions, transformers' Conv1D, "
+        "initrules recognizes (Linear, convolutions, transformers' Conv1D, "
         "MultiheadAttention, RNN/LSTM/GRU), and 'weight' of LayerNorm is not one; "
         "use fans: torch, or give fan_in and fan_out explicitly"
     )
@@ -821,7 +821,7 @@ def test_report_lists_blocks_counts_tensors() -> None:
     assert report.row("weight_hh_l0").chunk == (0, 4, 0)
 
 
-def test_fans_module_on_a_split_linear_are_the_blocks() -> None:
+def test_module_fans_of_split_linear() -> None:
     model = nn.Linear(8, 24)
     policy = load_policy(
         text=(

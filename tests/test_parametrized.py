@@ -45,7 +45,7 @@ def std_tolerance(std: float, numel: int) -> float:
 # --- weight_norm --------------------------------------------------------------------
 
 
-def test_weight_norm_effective_weight_is_what_the_rule_asked() -> None:
+def test_weight_norm_effective_weight() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(weight_norm(nn.Linear(256, 128)))
     report = initrules.apply(model, policy(), seed=0)
@@ -67,7 +67,7 @@ def test_weight_norm_effective_weight_is_what_the_rule_asked() -> None:
     assert report.ok
 
 
-def test_weight_norm_is_seeded_and_not_listed_by_storage_name() -> None:
+def test_weight_norm_seeded_canonical_names() -> None:
     first = nn.Sequential(weight_norm(nn.Linear(16, 8)))
     second = nn.Sequential(weight_norm(nn.Linear(16, 8)))
     report = initrules.apply(first, policy(), seed=3)
@@ -90,7 +90,7 @@ def test_weight_norm_through_build() -> None:
 # --- parametrizations that change the values -----------------------------------------
 
 
-def test_spectral_norm_is_noted_and_judged_on_the_draw() -> None:
+def test_spectral_norm_judges_the_draw() -> None:
     model = nn.Sequential(spectral_norm(nn.Linear(64, 32)))
     report = initrules.apply(model, policy(), seed=0)
     row = report.row("0.weight")
@@ -99,7 +99,8 @@ def test_spectral_norm_is_noted_and_judged_on_the_draw() -> None:
         "values: the effective tensor differs from the draw by up to "
     )
     assert row.note.endswith("; the checks judge the draw")
-    # The original holds the draw; the module divides it by its top singular value.
+    # The original contains the draw, and the module divides it by its top
+    # singular value.
     original = model[0].parametrizations.weight.original.detach()
     assert row.std == pytest.approx(float(original.double().std()), rel=1e-6)
     assert report.ok
@@ -235,7 +236,7 @@ def test_buffer_rules_set_batch_norm_running_statistics() -> None:
 # --- edge cases ---------------------------------------------------------------------
 
 
-def test_chunked_parametrized_tensor_with_a_kept_block_writes_the_others() -> None:
+def test_parametrized_kept_block() -> None:
     model = nn.Sequential(weight_norm(nn.Linear(4, 6)))
     before = model[0].weight.detach().clone()
     text = """
@@ -253,7 +254,7 @@ rules:
     assert torch.allclose(weight[3:], torch.full((3, 4), 0.5), rtol=1e-5)
 
 
-def test_spectral_norm_state_is_untouched_by_check_and_failed_apply() -> None:
+def test_spectral_norm_state_untouched() -> None:
     model = nn.Sequential(spectral_norm(nn.Linear(8, 6)))
     before = snapshot(model)
     weights_only = policy("rules:\n  - match: {param: weight}\n    init: zeros\n")
@@ -272,7 +273,7 @@ def test_shared_parametrized_module_is_planned_once() -> None:
     assert report.ok
 
 
-def test_weight_norm_in_bfloat16_is_not_reported_as_changed() -> None:
+def test_weight_norm_bfloat16_note() -> None:
     model = nn.Sequential(weight_norm(nn.Linear(64, 32))).to(torch.bfloat16)
     report = initrules.apply(model, policy(), seed=0)
     assert report.row("0.weight").note == "written through its parametrization"

@@ -78,7 +78,7 @@ def test_path_is_relative_to_the_policy_file(
     assert torch.equal(model[0].weight, encoder_checkpoint[0].weight)
 
 
-def test_path_in_a_base_file_is_relative_to_that_file(
+def test_base_file_path_is_relative(
     tmp_path: Path, encoder_checkpoint: nn.Sequential
 ) -> None:
     base_dir = tmp_path / "base"
@@ -256,7 +256,7 @@ def test_value_beyond_float16_is_plan_error(tmp_path: Path) -> None:
     assert_unchanged(model, before)
 
 
-def test_explicit_key_read_by_two_tensors_is_plan_error(
+def test_explicit_key_read_twice(
     tmp_path: Path, encoder_checkpoint: nn.Sequential
 ) -> None:
     text = """
