@@ -13,12 +13,14 @@ from typing import Any
 import torch
 from torch import nn
 from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
 
 from initrules.checks import (
+    Expectations,
     Measured,
     Switches,
-    expected_for,
     measure,
+    measure_many,
     plan_failures,
     reads_values,
     switches_for,
@@ -152,8 +154,7 @@ def apply(
     _check_seed(seed)
     resolved = resolve_policy(policy)
     missing = _missing_names(skip_loaded) if skip_loaded is not None else None
-    _reject_unsharded_fsdp(model)
-    sharded = _sharded_model(model)
+    sharded = _sharded_model(model, writing=True)
 
     partial = only is not None or missing is not None
 
@@ -172,7 +173,8 @@ def apply(
     # Every rank has the same plan now, so all raise or warn alike.
     _handle_unmatched(plan)
     report = _new_report(plan, seed)
-    report.failures += plan_failures(plan)
+    expectations = Expectations()
+    report.failures += plan_failures(plan, expectations)
     if report.failures and resolved.checks.on_failure == "raise":
         # The arguments alone fail a check, so nothing is written.
         raise CheckError(report)
@@ -210,7 +212,7 @@ def apply(
                 f"{error}; the static schemes have written their tensors, so check "
                 "that data fits the model's forward (shape, dtype, argument names)"
             ) from error
-    _record_rows(report, plan, zeroed, notes)
+    _record_rows(report, plan, zeroed, notes, expectations)
     report.failures += tie_failures(plan, model)
     if resolved.checks.enabled:
         report.failures += lsuv_failures(report.lsuv)
@@ -272,34 +274,54 @@ def check(
     return report
 
 
-def _sharded_model(model: nn.Module) -> bool:
-    """Return True if any parameter of ``model`` is a DTensor."""
-    # A non-module is rejected by the planner, with its own message.
-    return isinstance(model, nn.Module) and any(
-        is_sharded(param) for param in model.parameters()
-    )
+def _sharded_model(model: nn.Module, *, writing: bool = False) -> bool:
+    """Return True if any parameter of ``model`` is a DTensor.
 
-
-def _reject_unsharded_fsdp(model: nn.Module) -> None:
-    """Reject an FSDP2 model whose parameters are gathered whole right now.
-
-    After a forward with ``reshard_after_forward=False`` the parameters are
-    plain tensors that FSDP2 discards on its next reshard, so writes to them
-    would be lost.
+    With ``writing``, reject an FSDP2 model whose parameters are gathered
+    whole right now: after a forward with ``reshard_after_forward=False``
+    they are plain tensors that FSDP2 discards at its next reshard, so
+    writes to them would be lost.
     """
+    # A non-module is rejected by the planner, with its own message.
     if not isinstance(model, nn.Module):
-        return
-    for name, module in model.named_modules():
-        # Read before the isinstance test: FSDPModule is typed as a mixin.
-        params = module.parameters()
-        if isinstance(module, FSDPModule) and any(
-            not is_sharded(param) for param in params
-        ):
-            raise PlanError(
-                f"the FSDP2 module {name or type(module).__name__!r} has its "
-                "parameters unsharded, and FSDP2 would discard what initrules "
-                "writes there at its next reshard; call model.reshard() first"
-            )
+        return False
+    sharded = False
+    # An explicit walk: named_modules() and parameters() cost microseconds
+    # per module, which adds up on deep models. A name is kept as a pair
+    # (parent's pair, segment) and spelled out only for an error.
+    stack: list[tuple[Any, nn.Module]] = [((), model)]
+    seen = {id(model)}
+    while stack:
+        name, module = stack.pop()
+        if writing and isinstance(module, FSDPModule):
+            _reject_unsharded_fsdp(_spelled(name) or type(module).__name__, module)
+        for param in module._parameters.values():
+            if isinstance(param, DTensor):
+                sharded = True
+        for child_name, child in module._modules.items():
+            if child is not None and id(child) not in seen:
+                seen.add(id(child))
+                stack.append(((name, child_name), child))
+    return sharded
+
+
+def _spelled(name: Any) -> str:
+    """Return the dotted name that :func:`_sharded_model` keeps as nested pairs."""
+    segments: list[str] = []
+    while name:
+        name, segment = name
+        segments.append(segment)
+    return ".".join(reversed(segments))
+
+
+def _reject_unsharded_fsdp(name: str, module: nn.Module) -> None:
+    """Raise a PlanError if an FSDP2 module holds any parameter unsharded."""
+    if any(not is_sharded(param) for param in module.parameters()):
+        raise PlanError(
+            f"the FSDP2 module {name!r} has its parameters unsharded, and FSDP2 "
+            "would discard what initrules writes there at its next reshard; call "
+            "model.reshard() first"
+        )
 
 
 def _sharded_model_of(plan: Plan) -> bool:
@@ -561,6 +583,7 @@ def _record_rows(
     plan: Plan,
     zeroed: dict[int, int] | None,
     notes: dict[int, str],
+    expectations: Expectations | None = None,
     *,
     judge_arguments: bool = False,
 ) -> None:
@@ -572,6 +595,8 @@ def _record_rows(
     note for their rows.
     """
     checks = plan.policy.checks
+    if expectations is None:
+        expectations = Expectations()
     rules: dict[int, _RuleFacts] = {}
     whole: dict[int, torch.Tensor] = {}
     sharded = plan.planned and _sharded_model_of(plan)
@@ -590,6 +615,16 @@ def _record_rows(
             index: measured
             for (index, _), measured in zip(shards, measures, strict=True)
         }
+    # Plain tensors are measured together, which matters on deep models with
+    # thousands of small tensors.
+    plain = [
+        position
+        for position, item in enumerate(plan.planned)
+        if not (sharded and is_sharded(item.entry.tensor))
+    ]
+    local = dict(
+        zip(plain, measure_many([plan.planned[i].target for i in plain]), strict=True)
+    )
     for position, item in enumerate(plan.planned):
         if zeroed is None:
             zeroed_rows = 0 if _padding_index(item) is None else 1
@@ -598,14 +633,14 @@ def _record_rows(
         facts = rules.get(item.match.rule_index)
         if facts is None:
             facts = rules[item.match.rule_index] = _RuleFacts.of(item, checks)
-        expected = expected_for(item, zeroed_rows)
+        expected = expectations.of(item, zeroed_rows)
         judged = item
         if sharded and is_sharded(item.entry.tensor):
             measured, judged = _measure_shards(
                 item, reduced.get(position), expected, whole
             )
         else:
-            measured = measure(item.target)
+            measured = local[position]
         row = _row(item, measured, expected, zeroed_rows, facts)
         note = notes.get(id(item.entry))
         if note:
@@ -748,6 +783,14 @@ def _fill(item: PlannedTensor, seed: int | None) -> int:
     draw = item.scheme.draw
     if seed is not None and draw is not None and target.numel() > CHUNK_ELEMENTS:
         fill_chunked(target, draw(item.shape, args), seed, item.label)
+    elif draw is not None and target.dtype.itemsize >= 4 and target.is_contiguous():
+        # What the scheme's fill does, without building its context: the
+        # common case of a deep model's many small tensors.
+        generator = None
+        if seed is not None:
+            generator = torch.Generator(device=target.device)
+            generator.manual_seed(derive_seed(seed, item.label))
+        draw(item.shape, args).sample_(target, generator)
     else:
         tensor_seed = derive_seed(seed, item.label) if seed is not None else None
         generator = None

@@ -8,6 +8,7 @@ once, under their first name in module order.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import typing
@@ -230,27 +231,33 @@ def is_wrapper_segment(parent: nn.Module, child_name: str) -> bool:
 
 
 def _walk_modules(
-    module: nn.Module,
-    prefix: tuple[str, ...],
-    ancestors: tuple[type, ...],
-    path: frozenset[int] = frozenset(),
+    model: nn.Module,
 ) -> Iterator[tuple[tuple[str, ...], nn.Module, tuple[type, ...]]]:
-    yield prefix, module, ancestors
-    inner_ancestors = (*ancestors, type(module))
-    inner_path = path | {id(module)}
-    for child_name, child in module._modules.items():
-        # A child that is its own ancestor would make the walk endless; its
-        # tensors were already reached through that ancestor.
-        if child is None or id(child) in inner_path:
-            continue
-        if is_wrapper_segment(module, child_name):
-            # The wrapper is not part of the architecture: its child takes
-            # its place, with the same prefix and the same ancestors.
-            yield from _walk_modules(child, prefix, ancestors, inner_path)
-        else:
-            yield from _walk_modules(
-                child, (*prefix, child_name), inner_ancestors, inner_path
-            )
+    # Depth first, parents before children, children in registration order.
+    # An explicit stack: nested generators cost microseconds per module and
+    # level, which adds up on deep models.
+    stack: list[tuple[tuple[str, ...], nn.Module, tuple[type, ...], frozenset[int]]]
+    stack = [((), model, (), frozenset())]
+    while stack:
+        prefix, module, ancestors, path = stack.pop()
+        yield prefix, module, ancestors
+        inner_ancestors = (*ancestors, type(module))
+        inner_path = path | {id(module)}
+        children = []
+        for child_name, child in module._modules.items():
+            # A child that is its own ancestor would make the walk endless; its
+            # tensors were already reached through that ancestor.
+            if child is None or id(child) in inner_path:
+                continue
+            if is_wrapper_segment(module, child_name):
+                # The wrapper is not part of the architecture: its child takes
+                # its place, with the same prefix and the same ancestors.
+                children.append((prefix, child, ancestors, inner_path))
+            else:
+                children.append(
+                    ((*prefix, child_name), child, inner_ancestors, inner_path)
+                )
+        stack += reversed(children)
 
 
 def walk_modules(
@@ -261,7 +268,26 @@ def walk_modules(
     Wrapper segments are left out of the names, so a wrapper and the module
     it wraps share a name (the root's is the empty tuple).
     """
-    return _walk_modules(model, (), ())
+    return _walk_modules(model)
+
+
+_PLAIN_TYPES = (torch.Tensor, nn.Parameter)
+
+
+def _is_parametrized(module: nn.Module) -> bool:
+    """Return ``parametrize.is_parametrized(module)``, cheaply for plain modules.
+
+    The parametrizations live in ``module._modules``; looking there first
+    avoids ``nn.Module.__getattr__``, which costs microseconds per module.
+    """
+    if not isinstance(module._modules.get("parametrizations"), nn.ModuleDict):
+        return False
+    return parametrize.is_parametrized(module)
+
+
+@functools.cache
+def _dtype_text(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def walk_tensors(
@@ -285,7 +311,7 @@ def walk_tensors(
     unmaterialized: list[str] = []
     parameters: list[TensorEntry] = []
     buffers: list[TensorEntry] = []
-    for prefix, module, ancestors in _walk_modules(model, (), ()):
+    for prefix, module, ancestors in _walk_modules(model):
         tensors: list[tuple[str, torch.Tensor | None, str]] = []
         if not isinstance(module, parametrize.ParametrizationList):
             # A ParametrizationList's originals are reached through its owner.
@@ -294,7 +320,7 @@ def walk_tensors(
             ]
         tensors += [(name, value, "buffer") for name, value in module._buffers.items()]
         module_class = type(module)
-        if parametrize.is_parametrized(module):
+        if _is_parametrized(module):
             for entry in _parametrized_entries(module, prefix, ancestors):
                 # A parametrized module shared under two names has one chain.
                 chain = entry.parametrization
@@ -312,7 +338,11 @@ def walk_tensors(
             if tensor is None:
                 continue
             name = ".".join((*prefix, local_name))
-            if isinstance(tensor, (UninitializedParameter, UninitializedBuffer)):
+            # isinstance against a Parameter subclass runs a Python metaclass
+            # check, so plain tensors and parameters skip it.
+            if type(tensor) not in _PLAIN_TYPES and isinstance(
+                tensor, (UninitializedParameter, UninitializedBuffer)
+            ):
                 unmaterialized.append(name)
                 continue
             info = TensorInfo(
@@ -321,7 +351,7 @@ def walk_tensors(
                 module_class=module_class,
                 ancestor_classes=ancestors,
                 ndim=tensor.dim(),
-                dtype=str(tensor.dtype).removeprefix("torch."),
+                dtype=_dtype_text(tensor.dtype),
                 kind=kind,
             )
             existing = seen.get(id(tensor))
@@ -417,6 +447,7 @@ def make_plan(
     matcher = Matcher(policy)
     resolver = ArgumentResolver(model, policy, variables)
     checkpoints = Checkpoints()
+    verdicts = _Verdicts()
 
     planned: list[PlannedTensor] = []
     unmatched: list[TensorEntry] = []
@@ -443,7 +474,7 @@ def make_plan(
             problems.append(blocks)
             continue
         items = [
-            _plan_one(entry, block, chunk, resolver, checkpoints)
+            _plan_one(entry, block, chunk, resolver, checkpoints, verdicts)
             for chunk, block in blocks
         ]
         found = [item for item in items if isinstance(item, PlanProblem)]
@@ -476,6 +507,7 @@ def _plan_one(
     chunk: Chunk | None,
     resolver: ArgumentResolver,
     checkpoints: Checkpoints,
+    verdicts: _Verdicts,
 ) -> PlannedTensor | PlanProblem:
     """Resolve the arguments of one tensor or block and check its scheme."""
     scheme = get_scheme(result.rule.init.scheme)
@@ -508,7 +540,7 @@ def _plan_one(
             )
         args = args.model_copy(update={"fan_in": fans[0], "fan_out": fans[1]})
 
-    problem = _check(entry, result, scheme, args, shape, chunk)
+    problem = _check(entry, result, scheme, args, shape, chunk, verdicts)
     if problem is not None:
         return problem
 
@@ -801,6 +833,46 @@ def _reject_meta(entries: list[TensorEntry]) -> None:
         )
 
 
+class _Verdicts:
+    """What :meth:`Scheme.check` says of each scheme, arguments, shape and dtype.
+
+    Thousands of tensors of a deep model share a few rules and shapes, and
+    one check costs microseconds, so one plan asks each question once.
+    """
+
+    def __init__(self) -> None:
+        self._known: dict[
+            tuple[int, int, tuple[int, ...], torch.dtype],
+            tuple[Scheme, SchemeArgs, str | None, str],
+        ] = {}
+
+    def of(
+        self,
+        scheme: Scheme,
+        args: SchemeArgs,
+        shape: tuple[int, ...],
+        dtype: torch.dtype,
+    ) -> tuple[str | None, str]:
+        """Return why the scheme cannot fill such a tensor (or ``None``), and a hint."""
+        key = (id(scheme), id(args), shape, dtype)
+        known = self._known.get(key)
+        # The objects are kept and compared, since an id may be reused.
+        if known is not None and known[0] is scheme and known[1] is args:
+            return known[2], known[3]
+        # Without arguments the check covers the tensor's kind (ndim, dtype); a
+        # failure that appears only with them is about the rule's arguments.
+        reason = scheme.check(shape, dtype)
+        hint = (
+            "narrow the rule's match (for example with 'ndim' or 'param') or add an "
+            "earlier rule for this tensor"
+        )
+        if reason is None:
+            reason = scheme.check(shape, dtype, args)
+            hint = "change the rule's arguments, or use another scheme for this tensor"
+        self._known[key] = (scheme, args, reason, hint)
+        return reason, hint
+
+
 def _check(
     entry: TensorEntry,
     result: MatchResult,
@@ -808,18 +880,9 @@ def _check(
     args: SchemeArgs,
     shape: tuple[int, ...],
     chunk: Chunk | None,
+    verdicts: _Verdicts,
 ) -> PlanProblem | None:
-    tensor = entry.tensor
-    # Without arguments the check covers the tensor's kind (ndim, dtype); a
-    # failure that appears only with them is about the rule's arguments.
-    reason = scheme.check(shape, tensor.dtype)
-    hint = (
-        "narrow the rule's match (for example with 'ndim' or 'param') or add an "
-        "earlier rule for this tensor"
-    )
-    if reason is None:
-        reason = scheme.check(shape, tensor.dtype, args)
-        hint = "change the rule's arguments, or use another scheme for this tensor"
+    reason, hint = verdicts.of(scheme, args, shape, entry.tensor.dtype)
     if reason is None and entry.parametrization is not None:
         reason = _parametrization_problem(entry.parametrization, scheme)
         hint = "choose another scheme, or remove the parametrization before init"

@@ -70,10 +70,16 @@ class Draw:
 
     def sample_(self, out: torch.Tensor, generator: torch.Generator | None) -> None:
         """Fill ``out`` in place from ``generator``, or torch's global one if None."""
+        if torch.is_grad_enabled():
+            with torch.no_grad():
+                self.sample_(out, generator)
+            return
+        # The tensor methods, as torch.nn.init calls them, without its
+        # per-call wrappers: deep models fill thousands of small tensors.
         if self.kind == "normal":
-            nn.init.normal_(out, self.first, self.second, generator=generator)
+            out.normal_(self.first, self.second, generator=generator)
         elif self.kind == "uniform":
-            nn.init.uniform_(out, self.first, self.second, generator=generator)
+            out.uniform_(self.first, self.second, generator=generator)
         else:
             nn.init.trunc_normal_(
                 out, self.first, self.second, self.low, self.high, generator=generator

@@ -1,0 +1,127 @@
+"""Statistics of many tensors at once: measure_many against measure, and checks."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import initrules
+from initrules.checks import Measured, measure, measure_many
+
+
+def _close(batched: Measured | None, alone: Measured | None) -> bool:
+    if batched is None or alone is None:
+        return batched is alone
+    pairs = [
+        (batched.mean, alone.mean, 1e-6 * (abs(alone.mean) + alone.std)),
+        (batched.std, alone.std, 1e-6 * alone.std),
+        (batched.min, alone.min, 0.0),
+        (batched.max, alone.max, 0.0),
+    ]
+    for got, want, slack in pairs:
+        if math.isnan(want):
+            if not math.isnan(got):
+                return False
+        elif abs(got - want) > slack:
+            return False
+    return True
+
+
+def _mixed_tensors() -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    tensors = [torch.randn(64, 64, generator=generator) * 0.02 for _ in range(40)]
+    tensors += [torch.randn(172, 64, generator=generator) for _ in range(30)]
+    tensors += [torch.ones(64) for _ in range(5)]
+    tensors += [torch.randn(64, generator=generator).bfloat16() for _ in range(6)]
+    tensors += [torch.randn(8, 8, dtype=torch.float64, generator=generator)] * 3
+    # Odd ones out, each next to tensors of its own shape.
+    tensors.append(torch.randn(64, 64, generator=generator) + 1e4)
+    with_nan = torch.randn(64, 64, generator=generator)
+    with_nan[3, 5] = math.nan
+    tensors.append(with_nan)
+    with_inf = torch.randn(64, 64, generator=generator)
+    with_inf[0, 0] = math.inf
+    tensors.append(with_inf)
+    tensors += [
+        torch.tensor([2.5]),
+        torch.empty(0, 4),
+        torch.arange(12).reshape(3, 4),
+        torch.zeros(3, dtype=torch.bool),
+        torch.randn(70_000, generator=generator),
+    ]
+    tensors.append(torch.randn(64, 64, generator=generator).t())  # not contiguous
+    return tensors
+
+
+def test_measure_many_matches_measure() -> None:
+    tensors = _mixed_tensors()
+    batched = measure_many(tensors)
+    assert len(batched) == len(tensors)
+    for index, (tensor, result) in enumerate(zip(tensors, batched, strict=True)):
+        alone = measure(tensor)
+        assert _close(result, alone), (index, tuple(tensor.shape), result, alone)
+
+
+def test_large_mean_keeps_std_digits() -> None:
+    generator = torch.Generator().manual_seed(1)
+    # A mean 1e4 times the std loses the std to cancellation in float32
+    # sums of squares; such rows are measured alone in float64.
+    shifted = [torch.randn(4096, generator=generator) + 1e4 for _ in range(4)]
+    for tensor, result in zip(shifted, measure_many(shifted), strict=True):
+        want = float(tensor.double().std())
+        assert result is not None
+        assert result.std == pytest.approx(want, rel=1e-3)
+
+
+def test_constant_rows_exact() -> None:
+    tensors = [torch.full((64,), 0.1) for _ in range(8)]
+    value = float(tensors[0][0])
+    for result in measure_many(tensors):
+        assert result == Measured(value, 0.0, value, value)
+
+
+class _Deep(nn.Module):
+    """Many equal small layers, so their statistics are measured in batches."""
+
+    def __init__(self, depth: int = 48, width: int = 32) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(width, width) for _ in range(depth))
+
+
+_POLICY = """
+rules:
+  - {match: {param: weight}, init: {scheme: kaiming_normal, nonlinearity: linear}}
+  - {match: {param: bias}, init: zeros}
+"""
+
+
+def test_check_flags_only_bad_layers() -> None:
+    model = _Deep()
+    policy = initrules.load_policy(text=_POLICY)
+    initrules.apply(model, policy, seed=0)
+    with torch.no_grad():
+        model.layers[17].weight.mul_(1.5)
+        model.layers[30].bias[4] = math.nan
+    report = initrules.check(model, policy)
+    flagged = {(failure.check, failure.tensor) for failure in report.failures}
+    assert flagged == {
+        ("statistics", "layers.17.weight"),
+        ("finite", "layers.30.bias"),
+    }
+
+
+def test_rows_carry_own_statistics() -> None:
+    model = _Deep()
+    policy = initrules.load_policy(text=_POLICY)
+    report = initrules.apply(model, policy, seed=0)
+    rows = {row.name: row for row in report.rows}
+    for index in (0, 23, 47):
+        weight = model.layers[index].weight.detach().double()
+        row = rows[f"layers.{index}.weight"]
+        assert row.mean == pytest.approx(float(weight.mean()), abs=1e-7)
+        assert row.std == pytest.approx(float(weight.std()), rel=1e-6)
+        assert row.min == float(weight.min())
+        assert row.max == float(weight.max())
