@@ -11,11 +11,13 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
 from initrules.checks import (
+    ChunkSums,
     Expectations,
     Measured,
     Switches,
@@ -60,7 +62,14 @@ from initrules.sharded import (
     on_tensor,
     rank,
 )
-from initrules.stream import CHUNK_ELEMENTS, derive_seed, fill_chunked
+from initrules.stream import (
+    CHUNK_ELEMENTS,
+    DrawJob,
+    DrawJobError,
+    derive_seed,
+    draw_all,
+    fill_chunked,
+)
 
 __all__ = ["PolicySource", "apply", "check", "derive_seed", "resolve_policy"]
 
@@ -180,8 +189,17 @@ def apply(
         raise CheckError(report)
     zeroed: dict[int, int] = {}
     notes: dict[int, str] = {}
+    # Statistics taken while tensors were drawn, by id of the plan item.
+    fill_stats: dict[int, Measured] = {}
     failure: Exception | None = None
     with torch.no_grad():
+        # Seeded elementwise draws share one thread pool across tensors, and
+        # the loop below writes the rest.
+        # NOTE: a custom scheme that reads other tensors of the model reads
+        # these draws already written, whatever the module order.
+        pooled = {}
+        if seed is not None and not sharded:
+            pooled = _draw_pooled(plan, seed, fill_stats)
         for written, group in enumerate(_by_tensor(plan.planned, sharded)):
             item = group[0]
             tensor = item.entry.tensor
@@ -190,8 +208,10 @@ def apply(
                     zeroed[id(tensor)] = fill_sharded(
                         group, seed, _fill, _padding_index
                     )
+                elif id(item) in pooled:
+                    zeroed[id(tensor)] = pooled[id(item)]
                 else:
-                    zeroed[id(tensor)] = _fill(item, seed)
+                    zeroed[id(tensor)] = _fill(item, seed, fill_stats)
             except Exception as error:
                 failure = _write_error(item, written, error)
                 failure.__cause__ = error
@@ -212,7 +232,7 @@ def apply(
                 f"{error}; the static schemes have written their tensors, so check "
                 "that data fits the model's forward (shape, dtype, argument names)"
             ) from error
-    _record_rows(report, plan, zeroed, notes, expectations)
+    _record_rows(report, plan, zeroed, notes, expectations, fill_stats)
     report.failures += tie_failures(plan, model)
     if resolved.checks.enabled:
         report.failures += lsuv_failures(report.lsuv)
@@ -285,6 +305,10 @@ def _sharded_model(model: nn.Module, *, writing: bool = False) -> bool:
     # A non-module is rejected by the planner, with its own message.
     if not isinstance(model, nn.Module):
         return False
+    if not (dist.is_available() and dist.is_initialized()):
+        # DTensors and FSDP2 modules live on a device mesh, which needs the
+        # default process group, so without one the walk can be skipped.
+        return False
     sharded = False
     # An explicit walk: named_modules() and parameters() cost microseconds
     # per module, which adds up on deep models. A name is kept as a pair
@@ -315,7 +339,7 @@ def _spelled(name: Any) -> str:
 
 
 def _reject_unsharded_fsdp(name: str, module: nn.Module) -> None:
-    """Raise a PlanError if an FSDP2 module holds any parameter unsharded."""
+    """Raise a PlanError if any parameter of an FSDP2 module is unsharded."""
     if any(not is_sharded(param) for param in module.parameters()):
         raise PlanError(
             f"the FSDP2 module {name!r} has its parameters unsharded, and FSDP2 "
@@ -584,6 +608,7 @@ def _record_rows(
     zeroed: dict[int, int] | None,
     notes: dict[int, str],
     expectations: Expectations | None = None,
+    fill_stats: dict[int, Measured] | None = None,
     *,
     judge_arguments: bool = False,
 ) -> None:
@@ -617,12 +642,18 @@ def _record_rows(
         }
     # Plain tensors are measured together, which matters on deep models with
     # thousands of small tensors.
+    known = fill_stats or {}
     plain = [
         position
         for position, item in enumerate(plan.planned)
-        if not (sharded and is_sharded(item.entry.tensor))
+        if not (sharded and is_sharded(item.entry.tensor)) and id(item) not in known
     ]
-    local = dict(
+    local: dict[int, Measured | None] = {
+        position: known[id(item)]
+        for position, item in enumerate(plan.planned)
+        if id(item) in known
+    }
+    local.update(
         zip(plain, measure_many([plan.planned[i].target for i in plain]), strict=True)
     )
     for position, item in enumerate(plan.planned):
@@ -742,15 +773,21 @@ def _settle(report: Report, on_failure: str) -> None:
     )
 
 
-def _write_error(item: PlannedTensor, written: int, error: Exception) -> ApplyError:
+def _write_error(
+    item: PlannedTensor, written: int | None, error: Exception
+) -> ApplyError:
+    """Return the error for a failed write; ``written`` is None when not counted."""
     # NOTE: the plan checks every argument it can against each tensor, so this
     # is reached only when a scheme fails in a way the plan cannot predict
     # (for example, user code in a module's reset_parameters()).
     rule = item.match.rule
+    if written is None:
+        done = "other tensors were written on parallel threads"
+    else:
+        done = f"{written} tensor(s) were written before it"
     return ApplyError(
         f"{rule.label(item.match.rule_index)} failed on {item.entry.name!r}: "
-        f"{type(error).__name__}: {error}; {written} tensor(s) were written before "
-        "it, so the model is partly initialized"
+        f"{type(error).__name__}: {error}; {done}, so the model is partly initialized"
     )
 
 
@@ -771,18 +808,32 @@ def _handle_unmatched(plan: Plan) -> None:
         )
 
 
-def _fill(item: PlannedTensor, seed: int | None) -> int:
+def _fill(
+    item: PlannedTensor,
+    seed: int | None,
+    fill_stats: dict[int, Measured] | None = None,
+) -> int:
     """Write one tensor or block; return how many rows were zeroed after the draw.
 
     A block's random stream is named by its label, so each block of a split
-    tensor draws from its own generators.
+    tensor draws from its own generators. When ``fill_stats`` is given, a
+    tensor drawn in chunks is measured chunk by chunk as it is drawn, and
+    its statistics are stored there under ``id(item)``.
     """
     entry = item.entry
     target = item.target
     args = item.args
     draw = item.scheme.draw
+    sums: ChunkSums | None = None
     if seed is not None and draw is not None and target.numel() > CHUNK_ELEMENTS:
-        fill_chunked(target, draw(item.shape, args), seed, item.label)
+        if (
+            fill_stats is not None
+            and target.is_contiguous()
+            and entry.parametrization is None
+        ):
+            sums = ChunkSums(target.numel())
+        hook = sums.add if sums is not None else None
+        fill_chunked(target, draw(item.shape, args), seed, item.label, hook)
     elif draw is not None and target.dtype.itemsize >= 4 and target.is_contiguous():
         # What the scheme's fill does, without building its context: the
         # common case of a deep model's many small tensors.
@@ -807,11 +858,72 @@ def _fill(item: PlannedTensor, seed: int | None) -> int:
             scratch = torch.empty(item.shape, dtype=target.dtype, device=target.device)
             item.scheme.fill(scratch, args, context)
             target.copy_(scratch)
+    return _after_draw(item, sums, fill_stats)
+
+
+def _after_draw(
+    item: PlannedTensor,
+    sums: ChunkSums | None,
+    fill_stats: dict[int, Measured] | None,
+) -> int:
+    """Zero an embedding's padding row, or keep the statistics taken while drawing.
+
+    Returns how many rows were zeroed.
+    """
     padding_index = _padding_index(item)
     if padding_index is None:
+        if sums is not None and fill_stats is not None:
+            result = sums.measured()
+            if result is not None:
+                fill_stats[id(item)] = result
         return 0
-    entry.tensor[padding_index].zero_()
+    item.entry.tensor[padding_index].zero_()
     return 1
+
+
+def _draw_pooled(
+    plan: Plan, seed: int, fill_stats: dict[int, Measured]
+) -> dict[int, int]:
+    """Draw every elementwise random tensor of the plan on one shared thread pool.
+
+    Covers the items that :func:`_fill` would draw from the seeded stream
+    straight into a contiguous CPU tensor, with the same values. Returns the
+    rows zeroed after the draw, by ``id`` of each item drawn; the caller
+    writes the other items.
+
+    Raises:
+        ApplyError: A draw failed.
+    """
+    items: list[PlannedTensor] = []
+    jobs: list[DrawJob] = []
+    sums: list[ChunkSums | None] = []
+    for item in plan.planned:
+        draw = item.scheme.draw
+        target = item.target
+        if (
+            draw is None
+            or item.entry.parametrization is not None
+            or target.device.type != "cpu"
+            or not target.is_contiguous()
+        ):
+            continue
+        count = target.numel()
+        chunk_sums = ChunkSums(count) if count > CHUNK_ELEMENTS else None
+        hook = chunk_sums.add if chunk_sums is not None else None
+        items.append(item)
+        jobs.append(DrawJob(target, draw(item.shape, item.args), item.label, hook))
+        sums.append(chunk_sums)
+    try:
+        draw_all(jobs, seed)
+    except DrawJobError as error:
+        cause = error.__cause__
+        assert isinstance(cause, Exception)
+        failure = _write_error(items[error.index], None, cause)
+        raise failure from cause
+    return {
+        id(item): _after_draw(item, chunk_sums, fill_stats)
+        for item, chunk_sums in zip(items, sums, strict=True)
+    }
 
 
 def _write_parametrized(plan: Plan, notes: dict[int, str]) -> None:

@@ -145,13 +145,15 @@ class PlannedTensor:
         tensor = self.entry.tensor
         return tensor if self.chunk is None else self.chunk.view(tensor)
 
-    @property
+    # Cached: the engine and the checks read these thousands of times on deep
+    # models, and an item's tensor and block never change.
+    @functools.cached_property
     def shape(self) -> tuple[int, ...]:
         """The shape the scheme fills: the tensor's or the block's."""
         shape = tuple(self.entry.tensor.shape)
         return shape if self.chunk is None else self.chunk.shape_of(shape)
 
-    @property
+    @functools.cached_property
     def label(self) -> str:
         """The canonical name, with the block for one chunk of a tensor.
 
@@ -834,7 +836,7 @@ def _reject_meta(entries: list[TensorEntry]) -> None:
 
 
 class _Verdicts:
-    """What :meth:`Scheme.check` says of each scheme, arguments, shape and dtype.
+    """The results of :meth:`Scheme.check` by scheme, arguments, shape and dtype.
 
     Thousands of tensors of a deep model share a few rules and shapes, and
     one check costs microseconds, so one plan asks each question once.

@@ -125,9 +125,10 @@ class Scheme:
         needs_data: True if the engine finishes the scheme with forward passes
             over a batch of data after every other tensor is written (``lsuv``).
         draw: Returns the elementwise distribution the scheme draws from for
-            a shape, for schemes whose elements are independent draws; the
-            seeded stream then draws large tensors in chunks, in parallel
-            (see :mod:`initrules.stream`).
+            a shape, for schemes whose elements are independent draws. With
+            a seed, the engine samples it itself instead of calling ``fill``
+            (large tensors in chunks, tensors on parallel threads; see
+            :mod:`initrules.stream`), so ``fill`` must sample it too.
         constant: True if the scheme sets every element to one value that
             does not depend on the shape, so a shard can be filled alone.
     """

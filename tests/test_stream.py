@@ -399,3 +399,101 @@ def test_seeded_orthogonal_does_not_depend_on_threads() -> None:
         torch.set_num_threads(threads)
     assert torch.equal(weights[0], weights[1])
     assert torch.get_num_threads() == threads
+
+
+class Mixed(nn.Module):
+    """Tensors of uneven sizes and dtypes, which share one pool of draws."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(48, 40) for _ in range(12))
+        # Two chunks and three rows more, with a small bias.
+        self.wide = nn.Linear(1024, 2 * 1024 + 3)
+        self.narrow = nn.Linear(64, 32, dtype=torch.bfloat16)
+        # Split into 3 blocks along dim 0, so each block is contiguous.
+        self.fused = nn.Linear(64, 3 * 64, bias=False)
+
+
+MIXED_POLICY = initrules.load_policy(
+    text="""
+rules:
+  - match: {name: fused.weight}
+    init: {scheme: normal, std: 0.02, chunks: 3, dim: 0}
+  - {match: {param: weight}, init: {scheme: normal, std: 0.02}}
+  - {match: {param: bias}, init: {scheme: uniform, a: -0.1, b: 0.1}}
+"""
+)
+
+
+def expected_mixed(seed: int) -> dict[str, torch.Tensor]:
+    """Draw every tensor of Mixed by the stream's format, one tensor at a time."""
+    model = Mixed()
+    expected = {}
+    for name, param in model.named_parameters():
+        if name == "fused.weight":
+            blocks = []
+            for index in range(3):
+                label = f"{name}[chunk {index} of 3, dim 0]"
+                generator = torch.Generator().manual_seed(derive_seed(seed, label))
+                blocks.append(
+                    torch.empty(64, 64).normal_(0.0, 0.02, generator=generator)
+                )
+            expected[name] = torch.cat(blocks)
+            continue
+        if param.numel() > CHUNK_ELEMENTS:
+            expected[name] = normal_stream(param.numel(), seed, name).view(param.shape)
+            continue
+        generator = torch.Generator().manual_seed(derive_seed(seed, name))
+        values = torch.empty(param.shape)
+        if name.endswith("bias"):
+            values.uniform_(-0.1, 0.1, generator=generator)
+        else:
+            values.normal_(0.0, 0.02, generator=generator)
+        expected[name] = values.to(param.dtype)
+    return expected
+
+
+def test_pooled_draws_thread_independent() -> None:
+    expected = expected_mixed(seed=11)
+    original = torch.get_num_threads()
+    try:
+        for threads in (1, 2, 4):
+            torch.set_num_threads(threads)
+            model = Mixed()
+            report = initrules.apply(model, MIXED_POLICY, seed=11)
+            assert report.ok, threads
+            for name, param in model.named_parameters():
+                assert torch.equal(param.detach(), expected[name]), (threads, name)
+    finally:
+        torch.set_num_threads(original)
+
+
+@pytest.fixture
+def broken_draw() -> Any:
+    """Register a scheme whose draw fails when sampled: a negative std."""
+    from initrules import schemes
+
+    name = "test_negative_std"
+    scheme = schemes.Scheme(
+        name,
+        schemes.NoArgs,
+        lambda tensor, args, context: None,
+        random=True,
+        draw=lambda shape, args: Draw("normal", 0.0, -1.0),
+    )
+    initrules.register_scheme(scheme)
+    yield name
+    schemes._REGISTRY.pop(name, None)
+
+
+def test_failed_pooled_draw_names_tensor(broken_draw: str) -> None:
+    policy = initrules.load_policy(
+        text=f"rules:\n  - {{match: {{}}, init: {broken_draw}}}\n"
+    )
+    model = nn.Linear(8, 4)
+    with pytest.raises(initrules.ApplyError) as caught:
+        initrules.apply(model, policy, seed=0)
+    message = str(caught.value)
+    assert "failed on 'weight'" in message
+    assert "normal expects std >= 0.0" in message
+    assert "other tensors were written on parallel threads" in message
