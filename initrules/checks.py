@@ -34,6 +34,7 @@ from initrules.schemes import SparseArgs
 
 __all__ = [
     "CANCELLATION_RATIO",
+    "MEASURED_ALONE",
     "ChunkSums",
     "Expectations",
     "Measured",
@@ -118,6 +119,9 @@ _CANCELLATION_RATIO_FLOAT64 = 1e9
 # Tensors up to this many elements take their statistics in float64.
 _SMALL_TENSOR = 1 << 16
 
+MEASURED_ALONE = _SMALL_TENSOR
+"""Tensors above this many elements are measured one at a time, not in batches."""
+
 
 def sum_of_squares(values: torch.Tensor) -> float:
     """Return the sum of squares of a 1-D float tensor, in float64 precision."""
@@ -130,6 +134,12 @@ def sum_of_squares(values: torch.Tensor) -> float:
     if whole < values.numel():
         tail = values[whole:].double()
         total += float(torch.linalg.vector_norm(tail)) ** 2
+    if math.isinf(total) and values.dtype != torch.float64:
+        # A block's norm overflowed float32 (values above about 1e18 do),
+        # so the blocks are summed again in float64.
+        total = 0.0
+        for block in torch.split(values, _BLOCK * 256):
+            total += float(torch.linalg.vector_norm(block.double())) ** 2
     return total
 
 
@@ -247,6 +257,13 @@ def measure_many(tensors: Sequence[torch.Tensor]) -> list[Measured | None]:
     return measured
 
 
+# A row whose n * mean**2 exceeds its centered sum of squares by this factor
+# is measured alone, in float64: the float32 sums of a row keep about 7
+# digits, and the shortcut var = (sum of squares - n * mean**2) / (n - 1)
+# loses log10 of this factor of them.
+_ROW_CANCELLATION_RATIO = 10.0
+
+
 def _measure_rows(rows: torch.Tensor) -> list[Measured | None]:
     """Measure each row of a 2-D float tensor; ``None`` for a row to measure alone."""
     if rows.dtype.itemsize < 4:
@@ -267,7 +284,10 @@ def _measure_rows(rows: torch.Tensor) -> list[Measured | None]:
             results.append(Measured(mean, math.nan, low, high))
             continue
         centered = norm * norm - count * mean * mean
-        if count * mean * mean > CANCELLATION_RATIO * max(centered, 0.0):
+        # An infinite norm of finite values overflowed float32.
+        if not math.isfinite(centered) or count * mean * mean > (
+            _ROW_CANCELLATION_RATIO * max(centered, 0.0)
+        ):
             results.append(None)
             continue
         std = math.sqrt(max(centered, 0.0) / (count - 1))

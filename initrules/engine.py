@@ -17,6 +17,7 @@ from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
 from initrules.checks import (
+    MEASURED_ALONE,
     ChunkSums,
     Expectations,
     Measured,
@@ -197,9 +198,10 @@ def apply(
         # the loop below writes the rest.
         # NOTE: a custom scheme that reads other tensors of the model reads
         # these draws already written, whatever the module order.
+        overlapping = set() if sharded else _overlapping(plan)
         pooled = {}
         if seed is not None and not sharded:
-            pooled = _draw_pooled(plan, seed, fill_stats)
+            pooled = _draw_pooled(plan, seed, fill_stats, overlapping)
         for written, group in enumerate(_by_tensor(plan.planned, sharded)):
             item = group[0]
             tensor = item.entry.tensor
@@ -211,7 +213,10 @@ def apply(
                 elif id(item) in pooled:
                     zeroed[id(tensor)] = pooled[id(item)]
                 else:
-                    zeroed[id(tensor)] = _fill(item, seed, fill_stats)
+                    # A tensor that shares memory with another may be changed
+                    # by a later write, so it is measured after all writes.
+                    stats = None if id(item.entry) in overlapping else fill_stats
+                    zeroed[id(tensor)] = _fill(item, seed, stats)
             except Exception as error:
                 failure = _write_error(item, written, error)
                 failure.__cause__ = error
@@ -881,15 +886,33 @@ def _after_draw(
     return 1
 
 
+def _overlapping(plan: Plan) -> set[int]:
+    """Return the ids of the entries whose memory another entry shares.
+
+    Such tensors (two parameters cut from one buffer) must be written one
+    after another, in module order, and measured after every write.
+    """
+    owners: dict[int, TensorEntry] = {}
+    overlapping: set[int] = set()
+    for item in plan.planned:
+        entry = item.entry
+        # NOTE: tensors are compared by storage, so two disjoint views of one
+        # buffer count as overlapping too; they only lose the parallel draw.
+        owner = owners.setdefault(entry.tensor.untyped_storage().data_ptr(), entry)
+        if owner is not entry:
+            overlapping.update((id(owner), id(entry)))
+    return overlapping
+
+
 def _draw_pooled(
-    plan: Plan, seed: int, fill_stats: dict[int, Measured]
+    plan: Plan, seed: int, fill_stats: dict[int, Measured], overlapping: set[int]
 ) -> dict[int, int]:
     """Draw every elementwise random tensor of the plan on one shared thread pool.
 
     Covers the items that :func:`_fill` would draw from the seeded stream
-    straight into a contiguous CPU tensor, with the same values. Returns the
-    rows zeroed after the draw, by ``id`` of each item drawn; the caller
-    writes the other items.
+    straight into a contiguous CPU tensor, with the same values, except the
+    entries in ``overlapping``. Returns the rows zeroed after the draw, by
+    ``id`` of each item drawn; the caller writes the other items.
 
     Raises:
         ApplyError: A draw failed.
@@ -903,12 +926,14 @@ def _draw_pooled(
         if (
             draw is None
             or item.entry.parametrization is not None
+            or id(item.entry) in overlapping
             or target.device.type != "cpu"
             or not target.is_contiguous()
         ):
             continue
         count = target.numel()
-        chunk_sums = ChunkSums(count) if count > CHUNK_ELEMENTS else None
+        # Small tensors are measured later, many at once (measure_many).
+        chunk_sums = ChunkSums(count) if count > MEASURED_ALONE else None
         hook = chunk_sums.add if chunk_sums is not None else None
         items.append(item)
         jobs.append(DrawJob(target, draw(item.shape, item.args), item.label, hook))

@@ -835,6 +835,23 @@ def _reject_meta(entries: list[TensorEntry]) -> None:
         )
 
 
+def _draw_problem(
+    scheme: Scheme, args: SchemeArgs, shape: tuple[int, ...]
+) -> str | None:
+    """Return why a scheme's ``draw`` gives no distribution torch can sample, or None.
+
+    Built-in schemes validate their arguments first, so this catches custom
+    draw functions that raise or return invalid parameters.
+    """
+    assert scheme.draw is not None
+    try:
+        chosen = scheme.draw(shape, args)
+    except Exception as error:
+        return f"{scheme.name}'s draw failed: {type(error).__name__}: {error}"
+    problem = chosen.problem()
+    return None if problem is None else f"{scheme.name}'s draw is invalid: {problem}"
+
+
 class _Verdicts:
     """The results of :meth:`Scheme.check` by scheme, arguments, shape and dtype.
 
@@ -871,6 +888,8 @@ class _Verdicts:
         if reason is None:
             reason = scheme.check(shape, dtype, args)
             hint = "change the rule's arguments, or use another scheme for this tensor"
+        if reason is None and scheme.draw is not None:
+            reason = _draw_problem(scheme, args, shape)
         self._known[key] = (scheme, args, reason, hint)
         return reason, hint
 

@@ -82,6 +82,28 @@ class Draw:
     low: float = -math.inf
     high: float = math.inf
 
+    def problem(self) -> str | None:
+        """Return why torch cannot sample this distribution, or ``None`` if it can."""
+        if not (math.isfinite(self.first) and math.isfinite(self.second)):
+            return (
+                f"the {self.kind} draw has parameters {self.first!r} and "
+                f"{self.second!r}, and both must be finite"
+            )
+        if self.kind == "uniform":
+            if self.first > self.second:
+                return (
+                    f"the uniform draw has a = {self.first!r} above b = {self.second!r}"
+                )
+            return None
+        if self.second < 0:
+            return f"the {self.kind} draw has a negative std, {self.second!r}"
+        if self.kind == "trunc_normal" and not self.low < self.high:
+            return (
+                f"the trunc_normal draw has bounds a = {self.low!r} and b = "
+                f"{self.high!r}, and needs a < b"
+            )
+        return None
+
     def sample_(self, out: torch.Tensor, generator: torch.Generator | None) -> None:
         """Fill ``out`` in place from ``generator``, or torch's global one if None."""
         if torch.is_grad_enabled():
@@ -217,8 +239,8 @@ class DrawJob:
         out: The tensor, contiguous and on the CPU.
         draw: Its distribution.
         name: The stream's name: the tensor's canonical name, or a block's label.
-        on_chunk: For a tensor of more than one chunk, called after each
-            chunk is drawn, as in :func:`fill_chunked`.
+        on_chunk: Called after each chunk is drawn, as in
+            :func:`fill_chunked`; a tensor of at most one chunk is chunk 0.
     """
 
     out: torch.Tensor
@@ -276,6 +298,8 @@ def draw_all(jobs: Sequence[DrawJob], seed: int) -> None:
             try:
                 if chunk is None:
                     _draw_whole(job.out, job.draw, seed, job.name)
+                    if job.on_chunk is not None:
+                        job.on_chunk(0, job.out.detach().view(-1))
                 else:
                     flat = job.out.detach().view(-1)
                     _draw_chunk(

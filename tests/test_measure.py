@@ -182,3 +182,64 @@ def test_chunked_padding_row_measured_after_zeroing() -> None:
     assert float(model.weight.detach()[0].abs().max()) == 0.0
     assert row.mean == pytest.approx(alone.mean, abs=1e-7)
     assert row.std == pytest.approx(alone.std, rel=1e-6)
+
+
+class _Overlap(nn.Module):
+    """Two parameters cut from one buffer, sharing rows 2000 to 3999."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        base = torch.zeros(6000, 512)
+        self.first = nn.Parameter(base[0:4000])
+        self.second = nn.Parameter(base[2000:6000])
+
+
+_OVERLAP_POLICY = """
+rules:
+  - {match: {name: first}, init: {scheme: normal, std: 0.02}}
+  - {match: {name: second}, init: {scheme: uniform, a: -0.02, b: 0.02}}
+checks: {on_failure: warn}
+"""
+
+
+def test_overlapping_parameters_written_in_order() -> None:
+    policy = initrules.load_policy(text=_OVERLAP_POLICY)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        torch.set_num_threads(2)
+        for _ in range(4):
+            model = _Overlap()
+            with pytest.warns(initrules.InitRulesWarning):
+                report = initrules.apply(model, policy, seed=0)
+            results.append(model.first.detach().clone())
+            # The later parameter overwrote the shared rows, in module order.
+            shared = model.first.detach()[2000:]
+            assert float(shared.abs().max()) <= 0.02
+            alone = measure(model.first)
+            assert alone is not None
+            assert report.rows_of("first")[0].std == pytest.approx(alone.std, rel=1e-6)
+    finally:
+        torch.set_num_threads(threads)
+    for result in results[1:]:
+        assert torch.equal(result, results[0])
+
+
+def test_moderate_mean_rows_keep_digits() -> None:
+    generator = torch.Generator().manual_seed(2)
+    tensors = [torch.randn(4096, generator=generator) * 0.01 + 0.3 for _ in range(8)]
+    for tensor, result in zip(tensors, measure_many(tensors), strict=True):
+        assert result is not None
+        assert result.std == pytest.approx(float(tensor.double().std()), rel=1e-6)
+
+
+def test_huge_finite_values_measured_finite() -> None:
+    generator = torch.Generator().manual_seed(3)
+    small = [torch.randn(4096, generator=generator) * 1e20 for _ in range(3)]
+    large = torch.randn(3 << 20, generator=generator) * 1e19
+    for tensor, result in zip(
+        [*small, large], measure_many([*small, large]), strict=True
+    ):
+        assert result is not None
+        assert result.finite
+        assert result.std == pytest.approx(float(tensor.double().std()), rel=1e-5)

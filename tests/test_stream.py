@@ -468,32 +468,65 @@ def test_pooled_draws_thread_independent() -> None:
         torch.set_num_threads(original)
 
 
-@pytest.fixture
-def broken_draw() -> Any:
-    """Register a scheme whose draw fails when sampled: a negative std."""
+class FailingDraw(Draw):
+    """A valid distribution whose sampling fails, as a broken custom draw might."""
+
+    def sample_(self, out: torch.Tensor, generator: torch.Generator | None) -> None:
+        raise RuntimeError("sampling failed")
+
+
+def custom_scheme(name: str, draw: Draw) -> Any:
+    """Register a scheme that always draws from ``draw``; return its name."""
     from initrules import schemes
 
-    name = "test_negative_std"
     scheme = schemes.Scheme(
         name,
         schemes.NoArgs,
-        lambda tensor, args, context: None,
+        lambda tensor, args, context: draw.sample_(tensor, context.generator),
         random=True,
-        draw=lambda shape, args: Draw("normal", 0.0, -1.0),
+        draw=lambda shape, args: draw,
     )
     initrules.register_scheme(scheme)
-    yield name
-    schemes._REGISTRY.pop(name, None)
+    return name
 
 
-def test_failed_pooled_draw_names_tensor(broken_draw: str) -> None:
+@pytest.fixture
+def failing_draw() -> Any:
+    from initrules import schemes
+
+    yield custom_scheme("test_failing_draw", FailingDraw("normal", 0.0, 0.02))
+    schemes._REGISTRY.pop("test_failing_draw", None)
+
+
+@pytest.fixture
+def negative_std() -> Any:
+    from initrules import schemes
+
+    yield custom_scheme("test_negative_std", Draw("normal", 0.0, -1.0))
+    schemes._REGISTRY.pop("test_negative_std", None)
+
+
+def test_failed_pooled_draw_names_tensor(failing_draw: str) -> None:
     policy = initrules.load_policy(
-        text=f"rules:\n  - {{match: {{}}, init: {broken_draw}}}\n"
+        text=f"rules:\n  - {{match: {{}}, init: {failing_draw}}}\n"
     )
-    model = nn.Linear(8, 4)
     with pytest.raises(initrules.ApplyError) as caught:
-        initrules.apply(model, policy, seed=0)
+        initrules.apply(nn.Linear(8, 4), policy, seed=0)
     message = str(caught.value)
     assert "failed on 'weight'" in message
-    assert "normal expects std >= 0.0" in message
+    assert "RuntimeError: sampling failed" in message
     assert "other tensors were written on parallel threads" in message
+
+
+def test_invalid_custom_draw_rejected_by_plan(negative_std: str) -> None:
+    policy = initrules.load_policy(
+        text=f"rules:\n  - {{match: {{}}, init: {negative_std}}}\n"
+    )
+    model = nn.Linear(8, 4)
+    before = model.weight.detach().clone()
+    with pytest.raises(initrules.PlanError) as caught:
+        initrules.apply(model, policy, seed=0)
+    message = str(caught.value)
+    assert "cannot initialize 'weight'" in message
+    assert "the normal draw has a negative std, -1.0" in message
+    assert torch.equal(model.weight.detach(), before)
