@@ -185,35 +185,46 @@ class ChunkSums:
 
     def __init__(self, count: int) -> None:
         self.count = count
-        self._parts: dict[int, tuple[float, float, float, float, int]] = {}
+        # Per chunk: the float32 sum, min and max, the norms of its blocks
+        # (as sum_of_squares takes them) and the element count. They stay
+        # tensors until measured(), which converts them all at once.
+        self._parts: dict[int, tuple[torch.Tensor, torch.Tensor, int]] = {}
 
     def add(self, index: int, values: torch.Tensor) -> None:
         """Record chunk ``index``, a 1-D float tensor (safe to call from threads)."""
         if values.dtype.itemsize < 4:
             values = values.float()
-        total = float(values.sum())
-        squares = sum_of_squares(values)
-        low, high = float(values.amin()), float(values.amax())
+        count = values.numel()
+        whole = count - count % _BLOCK
+        norms = [torch.linalg.vector_norm(values[:whole].view(-1, _BLOCK), dim=1)]
+        if whole < count:
+            norms.append(torch.linalg.vector_norm(values[whole:]).reshape(1))
+        extremes = torch.stack((values.sum(), values.amin(), values.amax()))
         # Each chunk writes its own key, and a dict store is atomic in CPython.
-        self._parts[index] = (total, squares, low, high, values.numel())
+        self._parts[index] = (extremes, torch.cat(norms), count)
 
     def measured(self) -> Measured | None:
         """Return the whole tensor's statistics.
 
-        ``None`` when the chunks did not cover it, or when its mean is too
-        large against its spread for these sums (measure the values then).
+        ``None`` when the chunks did not cover it, or when the sums cannot
+        give them precisely (measure the values then): the mean is too large
+        against the spread, or the squares overflowed float32.
         """
         parts = self._parts.values()
         count = self.count
-        if count < 2 or sum(part[4] for part in parts) != count:
+        if count < 2 or sum(part[2] for part in parts) != count:
             return None
-        mean = math.fsum(part[0] for part in parts) / count
-        low = min(part[2] for part in parts)
-        high = max(part[3] for part in parts)
+        sums, lows, highs = torch.stack([part[0] for part in parts]).t().tolist()
+        mean = math.fsum(sums) / count
+        low, high = min(lows), max(highs)
         if not math.isfinite(mean):
             return Measured(mean, math.nan, low, high)
-        centered = math.fsum(part[1] for part in parts) - count * mean * mean
-        if count * mean * mean > CANCELLATION_RATIO * centered:
+        norms = torch.cat([part[1] for part in parts]).double()
+        squares = float(norms.square().sum())
+        centered = squares - count * mean * mean
+        if not math.isfinite(squares) or count * mean * mean > (
+            CANCELLATION_RATIO * centered
+        ):
             return None
         return Measured(mean, math.sqrt(max(centered, 0.0) / (count - 1)), low, high)
 
@@ -243,13 +254,21 @@ def measure_many(tensors: Sequence[torch.Tensor]) -> list[Measured | None]:
             groups.setdefault(key, []).append(index)
         else:
             measured[index] = measure(tensor)
-    for (shape, _, _), indices in groups.items():
+    # One buffer per dtype and device takes every batch: many short-lived
+    # buffers of this size raised the peak RSS of a deep model's build by MBs.
+    buffers: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+    for (shape, dtype, device), indices in groups.items():
         step = max(1, _STACK_ELEMENTS // shape.numel())
+        buffer = buffers.get((dtype, device))
+        if buffer is None:
+            buffer = torch.empty(_STACK_ELEMENTS, dtype=dtype, device=device)
+            buffers[dtype, device] = buffer
         for start in range(0, len(indices), step):
             batch = indices[start : start + step]
+            stacked = buffer[: len(batch) * shape.numel()].view(len(batch), *shape)
             with torch.no_grad():
-                rows = torch.stack([tensors[index] for index in batch])
-            rows = rows.view(len(batch), -1)
+                torch.stack([tensors[index] for index in batch], out=stacked)
+            rows = stacked.view(len(batch), -1)
             for index, result in zip(batch, _measure_rows(rows), strict=True):
                 measured[index] = (
                     result if result is not None else measure(tensors[index])
