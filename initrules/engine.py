@@ -196,7 +196,7 @@ def apply(
     with torch.no_grad():
         # Seeded elementwise draws share one thread pool across tensors, and
         # the loop below writes the rest.
-        # NOTE: a custom scheme that reads other tensors of the model reads
+        # NOTE: a custom scheme that reads other tensors of the model finds
         # these draws already written, whatever the module order.
         overlapping = set() if sharded else _overlapping(plan)
         pooled = {}

@@ -853,7 +853,7 @@ def _draw_problem(
 
 
 class _Verdicts:
-    """The results of :meth:`Scheme.check` by scheme, arguments, shape and dtype.
+    """Cached results of :meth:`Scheme.check` by scheme, arguments, shape and dtype.
 
     Thousands of tensors of a deep model share a few rules and shapes, and
     one check costs microseconds, so one plan asks each question once.
