@@ -65,6 +65,7 @@ from initrules.sharded import (
 )
 from initrules.stream import (
     CHUNK_ELEMENTS,
+    Draw,
     DrawJob,
     DrawJobError,
     derive_seed,
@@ -920,6 +921,9 @@ def _draw_pooled(
     items: list[PlannedTensor] = []
     jobs: list[DrawJob] = []
     sums: list[ChunkSums | None] = []
+    # The tensors of one rule and shape share their distribution. The items
+    # keep each key's arguments alive, so an id is not reused meanwhile.
+    draws: dict[tuple[int, int, tuple[int, ...]], Draw] = {}
     for item in plan.planned:
         draw = item.scheme.draw
         target = item.target
@@ -935,8 +939,12 @@ def _draw_pooled(
         # Small tensors are measured later, many at once (measure_many).
         chunk_sums = ChunkSums(count) if count > MEASURED_ALONE else None
         hook = chunk_sums.add if chunk_sums is not None else None
+        key = (id(draw), id(item.args), item.shape)
+        chosen = draws.get(key)
+        if chosen is None:
+            chosen = draws[key] = draw(item.shape, item.args)
         items.append(item)
-        jobs.append(DrawJob(target, draw(item.shape, item.args), item.label, hook))
+        jobs.append(DrawJob(target, chosen, item.label, hook))
         sums.append(chunk_sums)
     try:
         draw_all(jobs, seed)

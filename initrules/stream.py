@@ -216,12 +216,15 @@ def _draw_chunk(
         on_chunk(chunk, piece)
 
 
-def _draw_whole(out: torch.Tensor, draw: Draw, seed: int, name: str) -> None:
+def _draw_whole(
+    out: torch.Tensor, draw: Draw, seed: int, name: str, generator: torch.Generator
+) -> None:
     """Draw a tensor of at most one chunk from its single generator.
 
-    Call it under ``torch.no_grad()``, as :func:`draw_all` does once per task.
+    ``generator`` is reseeded here, which resets its whole state, so one
+    generator serves a thread's tensors one after another. Call it under
+    ``torch.no_grad()``, as :func:`draw_all` does once per task.
     """
-    generator = torch.Generator(device=out.device)
     generator.manual_seed(derive_seed(seed, name))
     if out.dtype.itemsize >= 4:
         draw.sample_(out, generator)
@@ -293,11 +296,13 @@ def draw_all(jobs: Sequence[DrawJob], seed: int) -> None:
 
     @torch.no_grad()
     def run(task: list[tuple[int, int | None]]) -> None:
+        # Every job is on the CPU, as DrawJob requires.
+        generator = torch.Generator()
         for index, chunk in task:
             job = jobs[index]
             try:
                 if chunk is None:
-                    _draw_whole(job.out, job.draw, seed, job.name)
+                    _draw_whole(job.out, job.draw, seed, job.name, generator)
                     if job.on_chunk is not None:
                         job.on_chunk(0, job.out.detach().view(-1))
                 else:
