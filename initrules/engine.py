@@ -11,7 +11,6 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
@@ -57,6 +56,7 @@ from initrules.sharded import (
     agree_on_plan,
     fill_sharded,
     global_view,
+    has_process_group,
     is_plain,
     is_sharded,
     measure_sharded,
@@ -311,9 +311,7 @@ def _sharded_model(model: nn.Module, *, writing: bool = False) -> bool:
     # A non-module is rejected by the planner, with its own message.
     if not isinstance(model, nn.Module):
         return False
-    if not (dist.is_available() and dist.is_initialized()):
-        # DTensors and FSDP2 modules live on a device mesh, which needs the
-        # default process group, so without one the walk can be skipped.
+    if not has_process_group():
         return False
     sharded = False
     # An explicit walk: named_modules() and parameters() cost microseconds
@@ -355,6 +353,8 @@ def _reject_unsharded_fsdp(name: str, module: nn.Module) -> None:
 
 
 def _sharded_model_of(plan: Plan) -> bool:
+    if not has_process_group():
+        return False
     return any(is_sharded(item.entry.tensor) for item in plan.planned)
 
 

@@ -51,6 +51,7 @@ __all__ = [
     "agree_on_plan",
     "fill_sharded",
     "global_view",
+    "has_process_group",
     "is_plain",
     "is_sharded",
     "measure_sharded",
@@ -66,9 +67,18 @@ def is_sharded(tensor: torch.Tensor) -> bool:
     return isinstance(tensor, DTensor)
 
 
+def has_process_group() -> bool:
+    """Return True if the default process group exists.
+
+    DTensors and FSDP2 modules live on a device mesh, which needs it, so
+    without one no tensor is sharded.
+    """
+    return dist.is_available() and dist.is_initialized()
+
+
 def rank() -> int:
     """Return this process's rank, or 0 without a process group."""
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    return dist.get_rank() if has_process_group() else 0
 
 
 @dataclass(frozen=True)
