@@ -296,7 +296,7 @@ def _measure_rows(rows: torch.Tensor) -> list[Measured | None]:
     results: list[Measured | None] = []
     for total, norm, low, high in zip(sums, norms, lows, highs, strict=True):
         if low == high:
-            # Every value is the same: exact, and no cancellation to fear.
+            # Every value is the same, so these statistics are exact.
             results.append(Measured(low, 0.0, low, high))
             continue
         mean = total / count

@@ -898,7 +898,7 @@ def _overlapping(plan: Plan) -> set[int]:
     for item in plan.planned:
         entry = item.entry
         # NOTE: tensors are compared by storage, so two disjoint views of one
-        # buffer count as overlapping too; they only lose the parallel draw.
+        # buffer count as overlapping too, and lose only the parallel draw.
         owner = owners.setdefault(entry.tensor.untyped_storage().data_ptr(), entry)
         if owner is not entry:
             overlapping.update((id(owner), id(entry)))

@@ -279,8 +279,9 @@ _PLAIN_TYPES = (torch.Tensor, nn.Parameter)
 def _is_parametrized(module: nn.Module) -> bool:
     """Return ``parametrize.is_parametrized(module)``, cheaply for plain modules.
 
-    The parametrizations live in ``module._modules``; looking there first
-    avoids ``nn.Module.__getattr__``, which costs microseconds per module.
+    The parametrizations live in ``module._modules``, and looking there
+    first avoids ``nn.Module.__getattr__``, which costs microseconds per
+    module.
     """
     if not isinstance(module._modules.get("parametrizations"), nn.ModuleDict):
         return False
@@ -856,7 +857,7 @@ class _Verdicts:
     """Cached results of :meth:`Scheme.check` by scheme, arguments, shape and dtype.
 
     Thousands of tensors of a deep model share a few rules and shapes, and
-    one check costs microseconds, so one plan asks each question once.
+    one check costs microseconds, so one plan runs each distinct check once.
     """
 
     def __init__(self) -> None:

@@ -11,8 +11,8 @@ tensors, on rule order, or on the number of threads. The format is fixed:
   into chunks of ``CHUNK_ELEMENTS`` (the last one shorter). Chunk ``i`` is
   drawn from a generator seeded with ``derive_seed(seed, name, i)``. Chunks
   are independent, so they are drawn on up to ``torch.get_num_threads()``
-  threads with the same result as one thread; :func:`draw_all` spreads the
-  chunks and small tensors of many tensors over one such pool.
+  threads with the same result as one thread, and :func:`draw_all` spreads
+  the chunks and small tensors of many tensors over one such pool.
 * Schemes that need the whole matrix (orthogonal, sparse, eye, dirac) draw
   it in one piece, as in the first case.
 
@@ -110,8 +110,8 @@ class Draw:
             with torch.no_grad():
                 self.sample_(out, generator)
             return
-        # The tensor methods, as torch.nn.init calls them, without its
-        # per-call wrappers: deep models fill thousands of small tensors.
+        # The tensor methods that torch.nn.init calls, without its per-call
+        # wrappers, because deep models fill thousands of small tensors.
         if self.kind == "normal":
             out.normal_(self.first, self.second, generator=generator)
         elif self.kind == "uniform":
@@ -243,7 +243,7 @@ class DrawJob:
         draw: Its distribution.
         name: The stream's name: the tensor's canonical name, or a block's label.
         on_chunk: Called after each chunk is drawn, as in
-            :func:`fill_chunked`; a tensor of at most one chunk is chunk 0.
+            :func:`fill_chunked`. A tensor of at most one chunk is chunk 0.
     """
 
     out: torch.Tensor

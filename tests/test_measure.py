@@ -136,8 +136,8 @@ rules:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_chunked_rows_match_measure(dtype: torch.dtype) -> None:
-    # 3 stream chunks and a bit, so the statistics are taken chunk by chunk
-    # while the tensor is drawn.
+    # Three stream chunks and seven rows more, so the statistics are taken
+    # chunk by chunk while the tensor is drawn.
     model = nn.Linear(1024, 3 * 1024 + 7).to(dtype)
     policy = initrules.load_policy(text=_BIG_POLICY)
     report = initrules.apply(model, policy, seed=3)
@@ -151,7 +151,7 @@ def test_chunked_rows_match_measure(dtype: torch.dtype) -> None:
     assert report.ok
 
 
-def test_chunked_rows_same_on_one_and_two_threads() -> None:
+def test_chunked_rows_thread_independent() -> None:
     policy = initrules.load_policy(text=_BIG_POLICY)
     threads = torch.get_num_threads()
     rows = []
@@ -170,7 +170,7 @@ def test_chunked_rows_same_on_one_and_two_threads() -> None:
     assert serial.max == parallel.max
 
 
-def test_chunked_padding_row_measured_after_zeroing() -> None:
+def test_padding_row_measured_after_zeroing() -> None:
     model = nn.Embedding(3000, 512, padding_idx=0)
     policy = initrules.load_policy(
         text="rules:\n  - {match: {param: weight}, init: {scheme: normal, std: 1.0}}\n"
@@ -233,7 +233,7 @@ def test_moderate_mean_rows_keep_digits() -> None:
         assert result.std == pytest.approx(float(tensor.double().std()), rel=1e-6)
 
 
-def test_huge_finite_values_measured_finite() -> None:
+def test_huge_values_measured_finite() -> None:
     generator = torch.Generator().manual_seed(3)
     small = [torch.randn(4096, generator=generator) * 1e20 for _ in range(3)]
     large = torch.randn(3 << 20, generator=generator) * 1e19

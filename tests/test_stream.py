@@ -518,7 +518,7 @@ def test_failed_pooled_draw_names_tensor(failing_draw: str) -> None:
     assert "other tensors were written on parallel threads" in message
 
 
-def test_invalid_custom_draw_rejected_by_plan(negative_std: str) -> None:
+def test_invalid_custom_draw_plan_error(negative_std: str) -> None:
     policy = initrules.load_policy(
         text=f"rules:\n  - {{match: {{}}, init: {negative_std}}}\n"
     )
