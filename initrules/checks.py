@@ -123,17 +123,37 @@ MEASURED_ALONE = _SMALL_TENSOR
 """Tensors above this many elements are measured one at a time, not in batches."""
 
 
+def _block_norms(values: torch.Tensor) -> torch.Tensor:
+    """Return the norms of a 1-D float tensor's blocks of ``_BLOCK`` values, in float64.
+
+    Full blocks are reduced in their own dtype and the shorter tail in
+    float64. The squares of the norms sum to the tensor's sum of squares.
+    """
+    whole = values.numel() - values.numel() % _BLOCK
+    norms = [torch.linalg.vector_norm(values[:whole].view(-1, _BLOCK), dim=1).double()]
+    if whole < values.numel():
+        norms.append(torch.linalg.vector_norm(values[whole:].double()).reshape(1))
+    return torch.cat(norms)
+
+
+def _std_from_sums(
+    count: int, mean: float, squares: float, ratio: float
+) -> float | None:
+    """Return the std from the sum of squares, or ``None`` if that loses digits.
+
+    The shortcut var = (squares - n * mean**2) / (n - 1) is used only while
+    n * mean**2 stays within ``ratio`` times the centered sum, and ``None``
+    also covers a sum of squares that overflowed.
+    """
+    centered = squares - count * mean * mean
+    if not math.isfinite(centered) or count * mean * mean > ratio * max(centered, 0.0):
+        return None
+    return math.sqrt(max(centered, 0.0) / (count - 1))
+
+
 def sum_of_squares(values: torch.Tensor) -> float:
     """Return the sum of squares of a 1-D float tensor, in float64 precision."""
-    whole = values.numel() - values.numel() % _BLOCK
-    total = 0.0
-    if whole:
-        blocks = values[:whole].view(-1, _BLOCK)
-        norms = torch.linalg.vector_norm(blocks, dim=1).double()
-        total += float(norms.square().sum())
-    if whole < values.numel():
-        tail = values[whole:].double()
-        total += float(torch.linalg.vector_norm(tail)) ** 2
+    total = float(_block_norms(values).square().sum())
     if math.isinf(total) and values.dtype != torch.float64:
         # A block's norm overflowed float32 (a block of 4096 values of 3e17
         # does), so the blocks are summed again in float64.
@@ -160,18 +180,19 @@ def _mean_std(values: torch.Tensor) -> tuple[float, float]:
             return mean, math.nan
         # vector_norm, not dot: float64 dot spreads small vectors over
         # threads, which cost 20 times the work on a busy 2-CPU machine.
-        centered = float(torch.linalg.vector_norm(wide)) ** 2 - count * mean * mean
-        if count * mean * mean > _CANCELLATION_RATIO_FLOAT64 * max(centered, 0.0):
+        squares = float(torch.linalg.vector_norm(wide)) ** 2
+        std = _std_from_sums(count, mean, squares, _CANCELLATION_RATIO_FLOAT64)
+        if std is None:
             centered = float((wide - mean).square().sum())
-        return mean, math.sqrt(max(centered, 0.0) / (count - 1))
+            std = math.sqrt(centered / (count - 1))
+        return mean, std
     mean = float(values.sum()) / count
     if not math.isfinite(mean):
         return mean, math.nan
-    squares = sum_of_squares(values)
-    centered = squares - count * mean * mean
-    if count * mean * mean > CANCELLATION_RATIO * centered:
-        centered = sum_of_squares(values - mean)
-    return mean, math.sqrt(max(centered, 0.0) / (count - 1))
+    std = _std_from_sums(count, mean, sum_of_squares(values), CANCELLATION_RATIO)
+    if std is None:
+        std = math.sqrt(sum_of_squares(values - mean) / (count - 1))
+    return mean, std
 
 
 class ChunkSums:
@@ -186,22 +207,17 @@ class ChunkSums:
     def __init__(self, count: int) -> None:
         self.count = count
         # Per chunk: the float32 sum, min and max, the norms of its blocks
-        # (as sum_of_squares takes them) and the element count. They stay
-        # tensors until measured(), which converts them all at once.
+        # and the element count. They stay tensors until measured(), which
+        # converts them all at once.
         self._parts: dict[int, tuple[torch.Tensor, torch.Tensor, int]] = {}
 
     def add(self, index: int, values: torch.Tensor) -> None:
         """Record chunk ``index``, a 1-D float tensor (safe to call from threads)."""
         if values.dtype.itemsize < 4:
             values = values.float()
-        count = values.numel()
-        whole = count - count % _BLOCK
-        norms = [torch.linalg.vector_norm(values[:whole].view(-1, _BLOCK), dim=1)]
-        if whole < count:
-            norms.append(torch.linalg.vector_norm(values[whole:]).reshape(1))
         extremes = torch.stack((values.sum(), values.amin(), values.amax()))
         # Each chunk writes its own key, and a dict store is atomic in CPython.
-        self._parts[index] = (extremes, torch.cat(norms), count)
+        self._parts[index] = (extremes, _block_norms(values), values.numel())
 
     def measured(self) -> Measured | None:
         """Return the whole tensor's statistics.
@@ -219,14 +235,11 @@ class ChunkSums:
         low, high = min(lows), max(highs)
         if not math.isfinite(mean):
             return Measured(mean, math.nan, low, high)
-        norms = torch.cat([part[1] for part in parts]).double()
-        squares = float(norms.square().sum())
-        centered = squares - count * mean * mean
-        if not math.isfinite(squares) or count * mean * mean > (
-            CANCELLATION_RATIO * centered
-        ):
-            return None
-        return Measured(mean, math.sqrt(max(centered, 0.0) / (count - 1)), low, high)
+        norms = torch.cat([part[1] for part in parts])
+        std = _std_from_sums(
+            count, mean, float(norms.square().sum()), CANCELLATION_RATIO
+        )
+        return None if std is None else Measured(mean, std, low, high)
 
 
 # Small tensors of one shape are measured together, stacked as the rows of a
@@ -285,7 +298,7 @@ _ROW_CANCELLATION_RATIO = 10.0
 
 
 def _measure_rows(rows: torch.Tensor) -> list[Measured | None]:
-    """Measure each row of a 2-D float tensor; ``None`` for a row to measure alone."""
+    """Measure each row of a 2-D float tensor (``None`` for a row to measure alone)."""
     if rows.dtype.itemsize < 4:
         rows = rows.float()
     count = rows.shape[1]
@@ -303,15 +316,10 @@ def _measure_rows(rows: torch.Tensor) -> list[Measured | None]:
         if not math.isfinite(mean):
             results.append(Measured(mean, math.nan, low, high))
             continue
-        centered = norm * norm - count * mean * mean
-        # An infinite norm of finite values overflowed float32.
-        if not math.isfinite(centered) or count * mean * mean > (
-            _ROW_CANCELLATION_RATIO * max(centered, 0.0)
-        ):
-            results.append(None)
-            continue
-        std = math.sqrt(max(centered, 0.0) / (count - 1))
-        results.append(Measured(mean, std, low, high))
+        # An infinite norm of finite values overflowed float32, and
+        # _std_from_sums returns None for it too.
+        std = _std_from_sums(count, mean, norm * norm, _ROW_CANCELLATION_RATIO)
+        results.append(None if std is None else Measured(mean, std, low, high))
     return results
 
 
